@@ -1,0 +1,15 @@
+"""keras-snapshot: Snapshot Ensembles for Keras 3 (Huang et al., ICLR 2017, "Train 1, get M for free")."""
+
+from keras_snapshot.callback import SnapshotCallback
+from keras_snapshot.manifest import read_manifest
+from keras_snapshot.schedule import SnapshotSchedule, snapshot_learning_rate, snapshot_steps
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SnapshotCallback",
+    "SnapshotSchedule",
+    "read_manifest",
+    "snapshot_learning_rate",
+    "snapshot_steps",
+]

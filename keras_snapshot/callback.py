@@ -1,0 +1,453 @@
+"""SnapshotCallback: the cyclic cosine learning rate and one `.keras` snapshot per cycle."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from keras_snapshot import manifest as manifest_lib
+from keras_snapshot.schedule import (
+    SnapshotSchedule,
+    _check_int,
+    _check_rate,
+    snapshot_steps,
+    validate_schedule_args,
+)
+
+__all__ = ["SnapshotCallback"]
+
+DEFAULT_LEARNING_RATE = 0.1
+
+
+def _is_chief(model) -> bool:
+    """Whether this process writes files: only one worker of a multi-worker run may."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        strategy = getattr(model, "distribute_strategy", None)
+        extended = getattr(strategy, "extended", None)
+        return bool(getattr(extended, "should_checkpoint", True))
+    if backend == "jax":
+        import jax
+
+        return jax.process_index() == 0
+    if backend == "torch":
+        import torch.distributed
+
+        return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    return True
+
+
+def _json_logs(logs) -> dict:
+    """The scalar entries of a Keras logs dict as plain floats (JSON-ready)."""
+    out = {}
+    for key, value in (logs or {}).items():
+        try:
+            array = np.asarray(keras.ops.convert_to_numpy(value))
+        except Exception:  # a value Keras could not convert is not worth a crash
+            continue
+        if array.size == 1 and np.issubdtype(array.dtype, np.number):
+            out[str(key)] = float(array.reshape(()))
+    return out
+
+
+def _writable_ancestor(path: Path) -> Path | None:
+    """The nearest existing ancestor of `path` (itself included), or None."""
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            return candidate
+    return None
+
+
+class SnapshotCallback(keras.callbacks.Callback):
+    """Snapshot Ensembles: a cyclic cosine learning rate and a `.keras` snapshot per cycle.
+
+    Over a run of T training steps split into M cycles the rate on step t (1-based,
+    counted by the optimizer's global `iterations`, so it stays right across several
+    `fit` calls and after `BackupAndRestore`) is
+
+        alpha0 / 2 * (cos(pi * mod(t - 1, ceil(T/M)) / ceil(T/M)) + 1)
+
+    (Huang et al., ICLR 2017). At the last step of every cycle the whole model is
+    written to `directory` as a `.keras` file and recorded in
+    `directory/manifest.json` (cycle, global step, epoch, learning rate, the logs
+    then, file name). Files are written atomically and only by the chief worker.
+
+    Two ways to drive the rate:
+
+    - Callback path (default): compile with a float learning rate; the callback
+      assigns the rate before every batch. Needs `steps_per_execution=1`.
+    - In-graph path: compile the optimizer with a `SnapshotSchedule` of the same
+      T and M; the callback then only writes snapshots. Exact with
+      `steps_per_execution > 1` and `jit_compile`, and free of per-batch Python work.
+
+    Each cycle must be long enough for the model to settle into a minimum: if the
+    ensemble disappoints, try fewer, longer cycles first.
+
+    Args:
+        directory: where snapshots and the manifest go; created if missing.
+        cycles: M, the number of cycles and of snapshots (>= 1).
+        initial_learning_rate: alpha0, the rate at the start of every cycle. Defaults
+            to 0.1, or to the `SnapshotSchedule`'s rate on the in-graph path.
+        total_steps: T, the number of training steps of the whole run. Defaults to
+            `epochs * steps_per_epoch` of the `fit` call; pass it when the run spans
+            several `fit` calls or the dataset's length is unknown.
+        filename: snapshot file name pattern with a `{cycle}` field, ending in `.keras`.
+        verbose: 1 prints a line per snapshot written.
+
+    Example:
+
+    ```python
+    import keras, numpy as np, keras_snapshot
+    x, y = np.random.rand(256, 8), np.random.randint(0, 3, 256)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=32, epochs=6,
+              callbacks=[keras_snapshot.SnapshotCallback("snapshots", cycles=3)])
+    # snapshots/ now holds snapshot-01.keras .. snapshot-03.keras and manifest.json
+    ```
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        cycles: int,
+        initial_learning_rate: float | None = None,
+        total_steps: int | None = None,
+        filename: str = "snapshot-{cycle:02d}.keras",
+        verbose: int = 0,
+    ):
+        super().__init__()
+        if not isinstance(directory, (str, os.PathLike)) or not str(directory):
+            raise TypeError(f"`directory` must be a non-empty path, got {directory!r}.")
+        self.directory = Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(f"`directory` {str(self.directory)!r} exists and is not a directory.")
+        ancestor = _writable_ancestor(self.directory.absolute())
+        if ancestor is None or not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ValueError(
+                f"`directory` {str(self.directory)!r} cannot be written: {str(ancestor)!r} is not "
+                "writable. Pass a directory you can write to."
+            )
+        if initial_learning_rate is not None:
+            initial_learning_rate = _check_rate("initial_learning_rate", initial_learning_rate)
+        if total_steps is None:
+            _check_int("cycles", cycles, 1)
+        else:
+            validate_schedule_args(1.0, total_steps, cycles)
+        if not isinstance(filename, str) or not filename.endswith(".keras"):
+            raise ValueError(f"`filename` must end with '.keras', got {filename!r}.")
+        try:
+            first, second = filename.format(cycle=1), filename.format(cycle=2)
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(
+                f"`filename` {filename!r} must be a format string with a single "
+                f"{{cycle}} field, e.g. 'snapshot-{{cycle:02d}}.keras' ({error})."
+            ) from None
+        if first == second or os.sep in first or first == manifest_lib.MANIFEST_NAME:
+            raise ValueError(
+                f"`filename` {filename!r} must contain the {{cycle}} field and no directory, "
+                "e.g. 'snapshot-{cycle:02d}.keras'."
+            )
+        if first.startswith(manifest_lib.TEMP_PREFIX):
+            raise ValueError(f"`filename` must not start with {manifest_lib.TEMP_PREFIX!r}.")
+        if verbose not in (0, 1, 2) or isinstance(verbose, bool):
+            raise ValueError(f"`verbose` must be 0, 1 or 2, got {verbose!r}.")
+        self.cycles = int(cycles)
+        self.initial_learning_rate = initial_learning_rate
+        self.total_steps = None if total_steps is None else int(total_steps)
+        self.filename = filename
+        self.verbose = verbose
+        self._step = None  # global step (optimizer iterations) after the last batch
+
+    # ------------------------------------------------------------------ set-up
+    def _optimizer_schedule(self):
+        optimizer = self.model.optimizer
+        if optimizer is None:
+            raise ValueError(
+                "SnapshotCallback needs a compiled model: call `model.compile(optimizer=...)` first."
+            )
+        inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
+        return getattr(inner, "_learning_rate", None)
+
+    def _resolve_run(self) -> None:
+        """Fixes T, alpha0 and the path (callback or in-graph) for this `fit` call."""
+        schedule = self._optimizer_schedule()
+        params = self.params or {}
+        epochs, steps = params.get("epochs"), params.get("steps")
+        fit_total = epochs * steps if epochs and steps else None
+        if isinstance(schedule, SnapshotSchedule):
+            self._sets_rate = False
+            total = self.total_steps or fit_total or schedule.total_steps
+            mismatch = []
+            if total != schedule.total_steps:
+                source = "total_steps" if self.total_steps else "epochs x steps per epoch of fit"
+                mismatch.append(
+                    f"T: {source} is {total}, the schedule's total_steps is {schedule.total_steps}"
+                )
+            if self.cycles != schedule.cycles:
+                mismatch.append(
+                    f"M: the callback's cycles is {self.cycles}, the schedule's is {schedule.cycles}"
+                )
+            if self.initial_learning_rate not in (None, schedule.initial_learning_rate):
+                mismatch.append(
+                    f"alpha0: the callback's initial_learning_rate is {self.initial_learning_rate}, "
+                    f"the schedule's is {schedule.initial_learning_rate}"
+                )
+            if mismatch:
+                raise ValueError(
+                    "The optimizer's SnapshotSchedule and the SnapshotCallback disagree ("
+                    + "; ".join(mismatch)
+                    + "). Build both with the same total_steps and cycles."
+                )
+            alpha0 = schedule.initial_learning_rate
+        else:
+            if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule) or (
+                callable(schedule) and not isinstance(schedule, keras.Variable)
+            ):
+                raise TypeError(
+                    f"The optimizer was compiled with the learning rate schedule {schedule!r}, which the "
+                    "callback cannot override. Compile with a float learning rate (callback path) or with "
+                    "keras_snapshot.SnapshotSchedule(...) (in-graph path)."
+                )
+            self._sets_rate = True
+            total = self.total_steps or fit_total
+            if total is None:
+                raise ValueError(
+                    "SnapshotCallback cannot tell the run's length T: the data has no known number of "
+                    "steps per epoch. Pass `total_steps=` to SnapshotCallback (the number of training "
+                    "steps of the whole run) or `steps_per_epoch=` to fit."
+                )
+            alpha0 = self.initial_learning_rate or DEFAULT_LEARNING_RATE
+            steps_per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
+            if steps_per_execution > 1:
+                raise ValueError(
+                    f"steps_per_execution={steps_per_execution}: batch callbacks fire once per "
+                    f"{steps_per_execution} steps, so a rate set by the callback would be wrong inside "
+                    "each execution. Use the in-graph path: compile the optimizer with "
+                    f"keras_snapshot.SnapshotSchedule({alpha0}, total_steps={total}, cycles={self.cycles}) "
+                    "and keep this callback, or compile with steps_per_execution=1."
+                )
+        self._alpha0, self._total, _ = validate_schedule_args(alpha0, total, self.cycles)
+        self._cycle_length = math.ceil(self._total / self.cycles)
+        self._cycle_ends = snapshot_steps(self._total, self.cycles)
+        self._check_execution_boundaries(steps)
+
+    def _check_execution_boundaries(self, steps_per_epoch) -> None:
+        """With steps_per_execution = k, hooks only see every k-th step of an epoch."""
+        k = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        if k == 1:
+            return
+        if not steps_per_epoch:
+            raise ValueError(
+                f"With steps_per_execution={k} the callback can only take snapshots at execution "
+                "boundaries, which it cannot check when the number of steps per epoch is unknown. "
+                "Pass `steps_per_epoch=` to fit."
+            )
+        unreachable = [end for end in self._cycle_ends if (end % steps_per_epoch) % k != 0]
+        if unreachable:
+            raise ValueError(
+                f"Cycle ends at steps {unreachable} fall inside an execution of steps_per_execution={k} "
+                f"(with {steps_per_epoch} steps per epoch), where no callback can see the weights. "
+                f"Choose steps_per_execution dividing the cycle length {self._cycle_length} and the "
+                "steps per epoch, or epochs and cycles so that cycles end on epoch ends."
+            )
+
+    def _prepare_directory(self) -> None:
+        self._chief = _is_chief(self.model)
+        manifest = None
+        if self._chief:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                probe = self.directory / f"{manifest_lib.TEMP_PREFIX}probe"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as error:
+                raise ValueError(
+                    f"Cannot write to the snapshot directory {str(self.directory)!r}: {error}. "
+                    "Pass a writable directory."
+                ) from None
+            manifest_lib.remove_stale_temporaries(self.directory)
+            manifest = manifest_lib.read_manifest(self.directory)
+        run = {
+            "total_steps": self._total,
+            "cycles": self.cycles,
+            "cycle_length": self._cycle_length,
+            "initial_learning_rate": self._alpha0,
+        }
+        if manifest is None:
+            manifest = {"format": manifest_lib.MANIFEST_FORMAT, **run, "snapshots": []}
+        else:
+            recorded = {key: manifest.get(key) for key in run}
+            if recorded != run:
+                raise ValueError(
+                    f"{str(self.directory)!r} holds snapshots of another run ({recorded}), not of this one "
+                    f"({run}). Use a new directory, or remove the old snapshots and manifest.json."
+                )
+        self._manifest = manifest
+        self._adopt_unrecorded_snapshots()
+
+    def _adopt_unrecorded_snapshots(self) -> None:
+        """Records snapshot files that were written just before a crash hit the manifest write.
+
+        Every file is renamed into place only once complete, so a present file is a whole one.
+        """
+        if not self._chief:
+            return
+        missing = []
+        recorded = {entry["cycle"] for entry in self._manifest["snapshots"]}
+        for entry in self._manifest["snapshots"]:
+            if not (self.directory / entry["file"]).is_file():
+                missing.append(entry["file"])
+        if missing:
+            raise ValueError(
+                f"The manifest in {str(self.directory)!r} lists snapshots whose files are gone: {missing}. "
+                "Restore them or start a new run in a new directory."
+            )
+        adopted = False
+        for cycle, end in enumerate(self._cycle_ends, start=1):
+            name = self.filename.format(cycle=cycle)
+            if cycle not in recorded and (self.directory / name).is_file():
+                self._record(cycle, end, epoch=None, logs={}, file=name, write=False)
+                adopted = True
+        if adopted:
+            manifest_lib.write_manifest(self.directory, self._manifest)
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_begin(self, logs=None):
+        self._resolve_run()
+        self._prepare_directory()
+        self._step = None  # read from the optimizer at the first batch, after any restore
+        self._epoch = 0
+        self._last_batch = -1
+        self._deferred = None
+        self._warned_past_end = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._last_batch = -1
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._step is None:
+            self._start_counting()
+        if self._sets_rate:
+            # JAX: reach the optimizer through `self.model` every time; that property syncs
+            # the trainer's state, and a cached optimizer's assignments are ignored.
+            self.model.optimizer.learning_rate = self._rate(self._step + 1)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._step is None:  # a subclass or hook order skipped batch_begin
+            self._start_counting()
+        # With steps_per_execution = k one hook call covers several steps.
+        self._step += batch - self._last_batch
+        self._last_batch = batch
+        if self._step > self._total and not self._warned_past_end:
+            self._warned_past_end = True
+            warnings.warn(
+                f"Training has gone past total_steps={self._total}: the rate starts a new cycle and no "
+                "more snapshots are taken. Pass the run's real length as total_steps.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        for cycle in self._due_cycles():
+            end = self._cycle_ends[cycle - 1]
+            if end == self._step and self._is_last_batch_of_epoch(batch):
+                self._deferred = cycle  # written in on_epoch_end, with the validation metrics
+            elif end == self._step:
+                self._snapshot(cycle, logs)
+            else:
+                warnings.warn(
+                    f"Cycle {cycle} ended at step {end} but the callback first saw step {self._step}; "
+                    "its snapshot cannot be taken. This happens when training resumes from a state past "
+                    "the cycle end that was saved without its snapshot.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._done_cycles.add(cycle)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._step and logs is not None:
+            logs["learning_rate"] = self._rate(self._step)
+        if self._deferred is not None:
+            cycle, self._deferred = self._deferred, None
+            self._snapshot(cycle, logs)
+
+    def on_train_end(self, logs=None):
+        if self._deferred is not None:  # training stopped between the last batch and epoch end
+            cycle, self._deferred = self._deferred, None
+            self._snapshot(cycle, logs)
+        self._step = None
+
+    # ------------------------------------------------------------------ internals
+    def _rate(self, t: int) -> float:
+        position = ((t - 1) % self._cycle_length) / self._cycle_length
+        return self._alpha0 / 2.0 * (math.cos(math.pi * position) + 1.0)
+
+    def _is_last_batch_of_epoch(self, batch: int) -> bool:
+        steps = (self.params or {}).get("steps")
+        return bool(steps) and batch + 1 == steps
+
+    def _start_counting(self) -> None:
+        """Reads the global step once per fit: after on_train_begin, so after any restore."""
+        self._step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self._done_cycles = {entry["cycle"] for entry in self._manifest["snapshots"]}
+        if self._step == 0 and self._done_cycles and self._chief:
+            raise ValueError(
+                f"{str(self.directory)!r} already holds snapshots, but this model has not trained yet "
+                "(optimizer.iterations == 0). Use a new directory for a new run, or remove the old "
+                "snapshots and manifest.json; to resume a run, restore its optimizer state "
+                "(keras.callbacks.BackupAndRestore)."
+            )
+        # A restore can land exactly on a cycle end whose snapshot was lost with the crash
+        # (the backup was written before this callback's hook): the weights are that state.
+        if self._step in self._cycle_ends:
+            cycle = self._cycle_ends.index(self._step) + 1
+            if cycle not in self._done_cycles:
+                self._snapshot(cycle, {}, epoch=self._epoch)  # the state at the previous epoch's end
+
+    def _due_cycles(self) -> list[int]:
+        return [
+            cycle
+            for cycle, end in enumerate(self._cycle_ends, start=1)
+            if end <= self._step and cycle not in self._done_cycles and cycle != self._deferred
+        ]
+
+    def _record(self, cycle, step, epoch, logs, file, write=True) -> None:
+        entry = {
+            "cycle": cycle,
+            "step": step,
+            "epoch": epoch,
+            "learning_rate": self._rate(step),
+            "logs": logs,
+            "file": file,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        snapshots = [e for e in self._manifest["snapshots"] if e["cycle"] != cycle] + [entry]
+        self._manifest["snapshots"] = sorted(snapshots, key=lambda e: e["cycle"])
+        if write:
+            manifest_lib.write_manifest(self.directory, self._manifest)
+
+    def _snapshot(self, cycle: int, logs, epoch: int | None = None) -> None:
+        self._done_cycles.add(cycle)
+        if not self._chief:
+            return
+        step = self._cycle_ends[cycle - 1]
+        name = self.filename.format(cycle=cycle)
+        model = self.model
+        try:
+            manifest_lib.atomic_write(self.directory / name, model.save, suffix=".keras")
+            epoch = self._epoch + 1 if epoch is None else epoch
+            self._record(cycle, step, epoch, _json_logs(logs), name)
+        except OSError as error:
+            raise OSError(
+                f"Could not write snapshot {cycle} ({name}) to {str(self.directory)!r}: {error}. "
+                "Earlier snapshots and manifest.json are untouched; free space or fix the directory, "
+                "then resume the run (keras.callbacks.BackupAndRestore)."
+            ) from error
+        if self.verbose:
+            print(f"\nSnapshot {cycle}/{self.cycles} at step {step}: {self.directory / name}", flush=True)

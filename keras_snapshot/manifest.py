@@ -1,0 +1,112 @@
+"""The snapshot directory's manifest and the atomic file writes that keep it consistent.
+
+A snapshot directory holds one `.keras` file per finished cycle and `manifest.json`:
+
+    {"format": 1, "total_steps": T, "cycles": M, "cycle_length": ceil(T/M),
+     "initial_learning_rate": alpha0,
+     "snapshots": [{"cycle": 1, "step": 120, "epoch": 2, "learning_rate": 1.7e-05,
+                    "logs": {"loss": 0.31, ...}, "file": "snapshot-01.keras"}, ...]}
+
+Every write goes to a temporary file in the same directory, is flushed to disk and
+then renamed over the target, so a crash leaves either the old or the new file,
+never a half-written one that looks valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+TEMP_PREFIX = ".tmp-"
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(target: str | os.PathLike, write: Callable[[str], None], suffix: str = "") -> None:
+    """Calls `write(temp_path)`, then moves the finished file onto `target` atomically.
+
+    `suffix` is kept at the end of the temporary name (Keras insists on `.keras`).
+    On any failure the temporary file is removed and `target` is left untouched.
+    """
+    target = Path(target)
+    temp = target.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{target.name}{suffix}"
+    try:
+        write(str(temp))
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        try:
+            temp.unlink()
+        except OSError:
+            pass
+        raise
+    _fsync_directory(target.parent)
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
+    """Writes `manifest` as `directory/manifest.json`, atomically."""
+    text = json.dumps(manifest, indent=2, sort_keys=False, allow_nan=True) + "\n"
+
+    def write(path: str) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    atomic_write(Path(directory) / MANIFEST_NAME, write)
+
+
+def read_manifest(directory: str | os.PathLike) -> dict | None:
+    """The manifest of a snapshot directory, or None where there is none yet.
+
+    Raises ValueError, naming the file, when it exists but is not a valid manifest.
+    """
+    path = Path(directory) / MANIFEST_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error}); it is not a keras-snapshot manifest."
+        ) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("snapshots"), list):
+        raise ValueError(f"{path} is not a keras-snapshot manifest (no 'snapshots' list).")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(
+            f"{path} has manifest format {manifest.get('format')!r}; this keras-snapshot "
+            f"reads format {MANIFEST_FORMAT}."
+        )
+    for entry in manifest["snapshots"]:
+        if not isinstance(entry, dict) or not {"cycle", "step", "file"} <= entry.keys():
+            raise ValueError(f"{path} has a snapshot entry without cycle/step/file: {entry!r}.")
+    return manifest
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Deletes temporary files left in `directory` by an interrupted write."""
+    removed = []
+    for path in Path(directory).glob(f"{TEMP_PREFIX}*"):
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
