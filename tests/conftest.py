@@ -6,11 +6,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import keras
+import numpy as np
+import pytest
 
-import keras_snapshot  # noqa: E402
+import keras_snapshot
 
 DIGITS_CYCLES = 3
 DIGITS_EPOCHS = 6
@@ -58,7 +58,9 @@ def digits_run(tmp_path_factory, digits):
         epochs=DIGITS_EPOCHS,
         validation_data=(x_test, y_test),
         verbose=0,
-        callbacks=[keras_snapshot.SnapshotCallback(directory, cycles=DIGITS_CYCLES, initial_learning_rate=0.2)],
+        callbacks=[
+            keras_snapshot.SnapshotCallback(directory, cycles=DIGITS_CYCLES, initial_learning_rate=0.2)
+        ],
     )
     return directory, history
 
