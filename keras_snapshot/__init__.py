@@ -1,6 +1,8 @@
 """keras-snapshot: Snapshot Ensembles for Keras 3 (Huang et al., ICLR 2017, "Train 1, get M for free")."""
 
 from keras_snapshot.callback import SnapshotCallback
+from keras_snapshot.ensemble import build_ensemble, fit_ensemble_weights
+from keras_snapshot.export import export_saved_model
 from keras_snapshot.manifest import read_manifest
 from keras_snapshot.schedule import SnapshotSchedule, snapshot_learning_rate, snapshot_steps
 
@@ -9,6 +11,9 @@ __version__ = "0.1.0"
 __all__ = [
     "SnapshotCallback",
     "SnapshotSchedule",
+    "build_ensemble",
+    "export_saved_model",
+    "fit_ensemble_weights",
     "read_manifest",
     "snapshot_learning_rate",
     "snapshot_steps",

@@ -1,0 +1,196 @@
+"""export_saved_model: a versioned TF Serving model directory with stable signature names."""
+
+from __future__ import annotations
+
+import importlib.util
+import numbers
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import keras
+
+from keras_snapshot.ensemble import _member_output_tensors, _output_items, _structures
+from keras_snapshot.manifest import TEMP_PREFIX
+
+__all__ = ["export_saved_model"]
+
+FORMATS = ("tf_saved_model", "onnx")
+SINGLE_OUTPUT_KEY = "predictions"
+ONNX_FILENAME = "model.onnx"
+
+
+def _check_backend(format: str) -> None:
+    backend = keras.backend.backend()
+    if backend not in ("tensorflow", "jax", "torch"):
+        raise RuntimeError(f"export_saved_model does not support the {backend!r} backend of Keras.")
+    if format == "tf_saved_model":
+        if backend == "torch":
+            # Keras's torch SavedModel path is experimental, needs torch_xla and takes no named
+            # (dict) signatures; a .keras file reloads under TensorFlow with the same weights.
+            raise RuntimeError(
+                "Exporting a SavedModel from the torch backend is not supported. Save the model "
+                "(model.save('ensemble.keras')) and export it with the TensorFlow backend: "
+                "`keras-snapshot export ensemble.keras SERVING_DIR` (which does this for you), or "
+                "KERAS_BACKEND=tensorflow in the Python process that exports."
+            )
+        if importlib.util.find_spec("tensorflow") is None:
+            raise RuntimeError(
+                "Writing a SavedModel needs TensorFlow, also from the JAX backend: "
+                "pip install 'keras-snapshot[cpu]' (or tensorflow)."
+            )
+    else:
+        needed = ["onnx", "onnxscript"] if backend == "torch" else ["tf2onnx", "onnx"]
+        missing = [name for name in needed if importlib.util.find_spec(name) is None]
+        if missing:
+            raise RuntimeError(
+                f"format='onnx' needs {', '.join(missing)} on the {backend} backend, which is not installed: "
+                "pip install 'keras-snapshot[onnx]'."
+            )
+
+
+def _serving_model(model: keras.Model, member_outputs: bool):
+    """A functional view of `model` with dict inputs and dict outputs under stable names.
+
+    It shares the model's layers and graph (nothing is copied or computed twice), so the member
+    outputs come from the same member calls as the ensemble's own outputs.
+    """
+    inputs, outputs = _structures(model, f"model {model.name!r}")
+    if isinstance(inputs, dict):
+        named_inputs = dict(inputs)
+    else:
+        named_inputs = {tensor.name: tensor for tensor in keras.tree.flatten(inputs)}
+    items = _output_items(model, f"model {model.name!r}")
+    if isinstance(outputs, (dict, list, tuple)):
+        named_outputs = dict(items)
+    else:
+        # Auto-generated layer names ("dense_3") change from one training session to the next;
+        # clients need a key that never does.
+        named_outputs = {SINGLE_OUTPUT_KEY: items[0][1]}
+    if member_outputs:
+        single = len(items) == 1 and not isinstance(outputs, (dict, list, tuple))
+        for member, taps in _member_output_tensors(model).items():
+            for key, tensor in taps.items():
+                output_key = member if single else f"{member}_{key}"
+                if output_key in named_outputs or output_key in named_inputs:
+                    raise ValueError(
+                        f"The member output {output_key!r} clashes with a name the model already uses."
+                    )
+                named_outputs[output_key] = tensor
+    view = keras.Model(named_inputs, named_outputs, name=f"{model.name}_serving")
+    signature = {
+        key: keras.InputSpec(shape=tuple(tensor.shape), dtype=tensor.dtype, name=key)
+        for key, tensor in named_inputs.items()
+    }
+    return view, signature
+
+
+def _next_version(export_dir: Path) -> int:
+    versions = [int(p.name) for p in export_dir.iterdir() if p.name.isdigit() and p.is_dir()]
+    return max(versions, default=0) + 1
+
+
+def export_saved_model(
+    model: keras.Model,
+    export_dir: str | os.PathLike,
+    version: int | None = None,
+    *,
+    member_outputs: bool = False,
+    overwrite: bool = False,
+    format: str = "tf_saved_model",
+    verbose: bool = False,
+) -> Path:
+    """Writes `model` as `export_dir/<version>/`, the layout TensorFlow Serving loads.
+
+    The SavedModel has the signatures `serve` and `serving_default` (the one TF Serving uses),
+    with stable, readable keys:
+
+    - inputs: the model's input names (the `keras.Input` names, or its dict keys);
+    - outputs: "predictions" for a single-output model, else its output names (list outputs)
+      or its dict keys;
+    - with `member_outputs=True` (an ensemble made by `build_ensemble`), also each member's
+      output, after `output_activation`: "snapshot_01", "snapshot_02", ... (or
+      "snapshot_01_<output>" for several outputs), for disagreement and uncertainty estimates.
+
+    The version is written atomically: the SavedModel goes to a hidden temporary folder in
+    `export_dir` (which TF Serving ignores, as it is not an integer) and is renamed to the
+    version folder once complete, so a server polling `export_dir` never sees half a model.
+
+    Works from the TensorFlow and JAX backends (both need TensorFlow installed). From the torch
+    backend it raises: save the model and export the `.keras` file with
+    `keras-snapshot export`, which switches to TensorFlow.
+
+    Args:
+        model: a functional or Sequential `keras.Model`, e.g. from `build_ensemble`.
+        export_dir: the model's base directory (TF Serving's `--model_base_path`); created if
+            missing.
+        version: a positive integer; None takes the next free one (1 in an empty directory).
+        member_outputs: also expose each member's output (needs a `build_ensemble` model).
+        overwrite: replace an existing version folder instead of refusing.
+        format: "tf_saved_model", or "onnx" (writes `<version>/model.onnx`, the layout of
+            Triton's model repository; needs `pip install 'keras-snapshot[onnx]'`).
+        verbose: print Keras's export summary.
+
+    Returns:
+        The path of the version folder written.
+
+    Example:
+
+    ```python
+    import keras, numpy as np, keras_snapshot
+    model = keras.Sequential([keras.Input((8,), name="features"), keras.layers.Dense(3, activation="softmax")])
+    path = keras_snapshot.export_saved_model(model, "serving/my_model")    # serving/my_model/1
+    # tensorflow_model_server --rest_api_port=8501 --model_name=my_model \\
+    #     --model_base_path=$PWD/serving/my_model
+    # POST /v1/models/my_model:predict  {"inputs": {"features": [[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]]}}
+    ```
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"`model` must be a keras.Model, got {type(model).__name__}.")
+    if format not in FORMATS:
+        raise ValueError(f"`format` must be one of {FORMATS}, got {format!r}.")
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, numbers.Integral) or version < 1
+    ):
+        raise ValueError(f"`version` must be a positive integer or None, got {version!r}.")
+    if not isinstance(export_dir, (str, os.PathLike)) or not str(export_dir):
+        raise TypeError(f"`export_dir` must be a non-empty path, got {export_dir!r}.")
+    export_dir = Path(export_dir)
+    if export_dir.exists() and not export_dir.is_dir():
+        raise ValueError(f"`export_dir` {str(export_dir)!r} exists and is not a directory.")
+    if not model.built:
+        raise ValueError(
+            f"Model {model.name!r} is not built: call it on data (or build it) before exporting."
+        )
+    _check_backend(format)
+    view, signature = _serving_model(model, bool(member_outputs))
+
+    export_dir.mkdir(parents=True, exist_ok=True)
+    version = _next_version(export_dir) if version is None else int(version)
+    target = export_dir / str(version)
+    if target.exists() and not overwrite:
+        raise FileExistsError(
+            f"Version {version} already exists: {str(target)!r}. Pass another version, version=None for "
+            "the next free one, or overwrite=True to replace it."
+        )
+    temporary = export_dir / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{version}"
+    try:
+        if format == "tf_saved_model":
+            archive = keras.export.ExportArchive()
+            archive.track_and_add_endpoint("serve", view, [signature])
+            archive.write_out(str(temporary), verbose=verbose)  # also aliased as serving_default
+        else:
+            temporary.mkdir()
+            view.export(str(temporary / ONNX_FILENAME), format="onnx", verbose=verbose)
+        if target.exists():  # overwrite=True: move the old version aside, then swap
+            retired = export_dir / f"{TEMP_PREFIX}{uuid.uuid4().hex}-old-{version}"
+            os.replace(target, retired)
+            os.replace(temporary, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(temporary, target)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return target
