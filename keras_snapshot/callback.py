@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 import warnings
@@ -144,7 +145,7 @@ class SnapshotCallback(keras.callbacks.Callback):
             raise ValueError(f"`filename` must end with '.keras', got {filename!r}.")
         try:
             first, second = filename.format(cycle=1), filename.format(cycle=2)
-        except (KeyError, IndexError, ValueError) as error:
+        except (KeyError, IndexError, ValueError, TypeError, AttributeError) as error:
             raise ValueError(
                 f"`filename` {filename!r} must be a format string with a single "
                 f"{{cycle}} field, e.g. 'snapshot-{{cycle:02d}}.keras' ({error})."
@@ -156,7 +157,16 @@ class SnapshotCallback(keras.callbacks.Callback):
             )
         if first.startswith(manifest_lib.TEMP_PREFIX):
             raise ValueError(f"`filename` must not start with {manifest_lib.TEMP_PREFIX!r}.")
-        if verbose not in (0, 1, 2) or isinstance(verbose, bool):
+        if "\0" in first or (os.altsep and os.altsep in first) or first in (".keras", "..keras"):
+            raise ValueError(f"`filename` {filename!r} does not give a valid file name.")
+        checked = min(int(cycles), 10_000)  # enough for any pattern with a {cycle} field
+        names = {filename.format(cycle=cycle) for cycle in range(1, checked + 1)}
+        if len(names) != checked:
+            raise ValueError(
+                f"`filename` {filename!r} gives the same file name to different cycles; use a "
+                "pattern such as 'snapshot-{cycle:02d}.keras'."
+            )
+        if isinstance(verbose, bool) or not isinstance(verbose, numbers.Integral) or verbose not in (0, 1, 2):
             raise ValueError(f"`verbose` must be 0, 1 or 2, got {verbose!r}.")
         self.cycles = int(cycles)
         self.initial_learning_rate = initial_learning_rate
@@ -350,7 +360,9 @@ class SnapshotCallback(keras.callbacks.Callback):
             self._warned_past_end = True
             warnings.warn(
                 f"Training has gone past total_steps={self._total}: the rate starts a new cycle and no "
-                "more snapshots are taken. Pass the run's real length as total_steps.",
+                "more snapshots are taken. After a mid-epoch restore (BackupAndRestore with an integer "
+                "save_freq replays the interrupted epoch from its start) this is expected and all "
+                "snapshots are already taken; otherwise pass the run's real length as total_steps.",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -378,6 +390,10 @@ class SnapshotCallback(keras.callbacks.Callback):
             self._snapshot(cycle, logs)
 
     def on_train_end(self, logs=None):
+        if self._step is None:
+            # No batch ran: a restore put the run at its end (initial_epoch == epochs). The backup
+            # may hold the final cycle end whose snapshot the interrupted run could not write.
+            self._start_counting()
         if self._deferred is not None:  # training stopped between the last batch and epoch end
             cycle, self._deferred = self._deferred, None
             self._snapshot(cycle, logs)
@@ -397,18 +413,29 @@ class SnapshotCallback(keras.callbacks.Callback):
         self._step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
         self._done_cycles = {entry["cycle"] for entry in self._manifest["snapshots"]}
         if self._step == 0 and self._done_cycles and self._chief:
-            raise ValueError(
-                f"{str(self.directory)!r} already holds snapshots, but this model has not trained yet "
-                "(optimizer.iterations == 0). Use a new directory for a new run, or remove the old "
-                "snapshots and manifest.json; to resume a run, restore its optimizer state "
-                "(keras.callbacks.BackupAndRestore)."
+            if len(self._done_cycles) == self.cycles:
+                raise ValueError(
+                    f"{str(self.directory)!r} already holds snapshots: all {self.cycles} of a finished run, "
+                    "but this model has not trained yet (optimizer.iterations == 0). Use a new directory "
+                    "for a new run, or remove the old snapshots and manifest.json."
+                )
+            # An interrupted run that wrote snapshots before BackupAndRestore's first backup restarts
+            # from step 0: its snapshots are kept (never retaken or overwritten), the others follow.
+            warnings.warn(
+                f"{str(self.directory)!r} holds snapshots {sorted(self._done_cycles)} of an interrupted "
+                "run but this model starts at step 0 (no backup was restored): they are kept and only the "
+                "missing cycles will be snapshotted. If this is a new run, stop it and use a new directory.",
+                RuntimeWarning,
+                stacklevel=2,
             )
         # A restore can land exactly on a cycle end whose snapshot was lost with the crash
         # (the backup was written before this callback's hook): the weights are that state.
         if self._step in self._cycle_ends:
             cycle = self._cycle_ends.index(self._step) + 1
             if cycle not in self._done_cycles:
-                self._snapshot(cycle, {}, epoch=self._epoch)  # the state at the previous epoch's end
+                steps = (self.params or {}).get("steps")
+                epoch = math.ceil(self._step / steps) if steps else self._epoch
+                self._snapshot(cycle, {}, epoch=epoch)
 
     def _due_cycles(self) -> list[int]:
         return [
@@ -416,6 +443,10 @@ class SnapshotCallback(keras.callbacks.Callback):
             for cycle, end in enumerate(self._cycle_ends, start=1)
             if end <= self._step and cycle not in self._done_cycles and cycle != self._deferred
         ]
+
+    def _save_model(self, path: str) -> None:
+        """Writes the whole model (architecture, weights, optimizer state) to `path`."""
+        self.model.save(path)
 
     def _record(self, cycle, step, epoch, logs, file, write=True) -> None:
         entry = {
@@ -438,16 +469,28 @@ class SnapshotCallback(keras.callbacks.Callback):
             return
         step = self._cycle_ends[cycle - 1]
         name = self.filename.format(cycle=cycle)
-        model = self.model
         try:
-            manifest_lib.atomic_write(self.directory / name, model.save, suffix=".keras")
+            manifest_lib.atomic_write(self.directory / name, self._save_model, suffix=".keras")
             epoch = self._epoch + 1 if epoch is None else epoch
             self._record(cycle, step, epoch, _json_logs(logs), name)
         except OSError as error:
-            raise OSError(
-                f"Could not write snapshot {cycle} ({name}) to {str(self.directory)!r}: {error}. "
-                "Earlier snapshots and manifest.json are untouched; free space or fix the directory, "
-                "then resume the run (keras.callbacks.BackupAndRestore)."
-            ) from error
+            if not self.directory.is_dir():
+                advice = (
+                    "the directory no longer exists: it was deleted or moved during training, with the "
+                    "snapshots written there before. Put it back with its manifest.json"
+                )
+            else:
+                advice = (
+                    f"{error.strerror or error}. Earlier snapshots and manifest.json are untouched; "
+                    "free space or fix the directory"
+                )
+            message = (
+                f"Could not write snapshot {cycle} ({name}) to {str(self.directory)!r}: {advice}, then "
+                "resume the run with keras.callbacks.BackupAndRestore, which continues from the last "
+                "backup and takes the missing snapshots."
+            )
+            if error.errno is None:
+                raise OSError(message) from error
+            raise OSError(error.errno, message) from error
         if self.verbose:
             print(f"\nSnapshot {cycle}/{self.cycles} at step {step}: {self.directory / name}", flush=True)
