@@ -163,8 +163,8 @@ def export_saved_model(
         raise ValueError(
             f"Model {model.name!r} is not built: call it on data (or build it) before exporting."
         )
-    _check_backend(format)
     view, signature = _serving_model(model, bool(member_outputs))
+    _check_backend(format)
 
     export_dir.mkdir(parents=True, exist_ok=True)
     version = _next_version(export_dir) if version is None else int(version)
