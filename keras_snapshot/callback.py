@@ -44,6 +44,12 @@ def _is_chief(model) -> bool:
     return True
 
 
+def _jax_process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
 def _json_logs(logs) -> dict:
     """The scalar entries of a Keras logs dict as plain floats (JSON-ready)."""
     out = {}
@@ -446,7 +452,20 @@ class SnapshotCallback(keras.callbacks.Callback):
 
     def _save_model(self, path: str) -> None:
         """Writes the whole model (architecture, weights, optimizer state) to `path`."""
-        self.model.save(path)
+        model = self.model
+        if keras.backend.backend() == "jax" and _jax_process_count() > 1:
+            # Keras's saving builds reference objects (an Optimizer, with variables). Under a
+            # multi-process distribution every variable creation is a collective that the other
+            # processes, which do not write, never join: the chief alone would hang or fail. The
+            # model's own variables are read as they are; only those throwaway objects change.
+            distribution = keras.distribution.distribution()
+            keras.distribution.set_distribution(None)
+            try:
+                model.save(path)
+            finally:
+                keras.distribution.set_distribution(distribution)
+            return
+        model.save(path)
 
     def _record(self, cycle, step, epoch, logs, file, write=True) -> None:
         entry = {

@@ -49,12 +49,14 @@ def _set_up_devices(config):
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
         ).strip()
-    if distribution in ("mirrored", "mwms"):
+    if distribution == "mirrored":
         import tensorflow as tf
 
         cpu = tf.config.list_physical_devices("CPU")[0]
-        count = 2 if distribution == "mirrored" else 1
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
+_INITIALIZED = []
 
 
 def _strategy(config):
@@ -67,11 +69,21 @@ def _strategy(config):
         import tensorflow as tf
 
         return tf.distribute.MultiWorkerMirroredStrategy()
-    if distribution == "data_parallel":
+    if distribution in ("data_parallel", "jax_multiprocess"):
         import keras
 
-        devices = keras.distribution.list_devices("cpu")
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+        if distribution == "jax_multiprocess" and not _INITIALIZED:  # one process per worker
+            _INITIALIZED.append(True)
+            keras.distribution.initialize(
+                config["coordinator"], num_processes=config["processes"], process_id=config["process_id"]
+            )
+        devices = keras.distribution.list_devices("cpu")  # every process's devices
+        # Each process passes its own share of the data (see run): no auto-sharding of numpy arrays.
+        keras.distribution.set_distribution(
+            keras.distribution.DataParallel(
+                devices=devices, auto_shard_dataset=distribution == "data_parallel"
+            )
+        )
     return None
 
 
@@ -106,6 +118,13 @@ def make_callbacks(config):
 
     kill = config.get("kill") or {}
 
+    def log_write(kind, name):
+        """Every file write of the snapshot callback, with the writing process (config["writes"])."""
+        if config.get("writes"):
+            with open(config["writes"], "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"kind": kind, "name": os.path.basename(name), "pid": os.getpid()}))
+                handle.write("\n")
+
     def stop(where):
         if kill.get("how", "sigkill") == "raise":
             raise Interrupted(f"interrupted at {where}")
@@ -115,6 +134,7 @@ def make_callbacks(config):
         """The package's callback; the "write" and "record" kills strike inside its file writes."""
 
         def _save_model(self, path):
+            log_write("snapshot", path)
             super()._save_model(path)
             if kill.get("hook") == "write" and self._step == kill["step"]:
                 # Killed mid-write: a partial temporary file is left behind.
@@ -126,6 +146,8 @@ def make_callbacks(config):
         def _record(self, cycle, step, epoch, logs, file, write=True):
             if write and kill.get("hook") == "record" and step == kill["step"]:
                 stop("record")  # the snapshot file is in place, the manifest not yet updated
+            if write:
+                log_write("manifest", file)
             super()._record(cycle, step, epoch, logs, file, write)
 
     def iterations(model):
@@ -251,6 +273,10 @@ def run(config):
     batch = config.get("batch", 1)
     features = config["steps"] * batch
     x, y = np.eye(features, dtype="float32"), np.zeros((features, 1), "float32")
+    if config.get("distribution") == "jax_multiprocess":
+        # Keras's JAX trainer takes each process's share of the global batch from that process.
+        count, index = config["processes"], config["process_id"]
+        x, y, batch = x[index::count], y[index::count], batch // count
     callbacks = make_callbacks(config)
     start_async_killer(config)
     model.fit(
@@ -263,12 +289,19 @@ def run(config):
         callbacks=callbacks,
     )
     snapshot = next(c for c in callbacks if isinstance(c, keras.callbacks.Callback) and hasattr(c, "cycles"))
+    ensemble = None
+    if config.get("ensemble") and snapshot._chief:
+        from keras_snapshot.ensemble import build_ensemble
+
+        # Built and run in this process, under its distribution: the mean of the members' outputs.
+        ensemble = build_ensemble(config["directory"]).predict(x, batch_size=batch, verbose=0).tolist()
     result = {
         "iterations": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         "chief": bool(getattr(snapshot, "_chief", True)),
         "replicas": int(getattr(strategy, "num_replicas_in_sync", 1)) if strategy is not None else 1,
         "devices": len(keras.distribution.list_devices()) if keras.backend.backend() == "jax" else None,
         "pid": os.getpid(),
+        "ensemble": ensemble,
     }
     if config.get("result"):
         with open(config["result"], "w", encoding="utf-8") as handle:
@@ -277,10 +310,16 @@ def run(config):
 
 
 def main(argv):
+    if os.environ.get("WORKER_FULL_TRACEBACK"):
+        import keras
+
+        keras.config.disable_traceback_filtering()
     with open(argv[1], encoding="utf-8") as handle:
-        config = json.load(handle)
-    _set_up_devices(config)
-    run(config)
+        configs = json.load(handle)
+    configs = configs if isinstance(configs, list) else [configs]  # several runs share one start-up
+    _set_up_devices(configs[0])
+    for config in configs:
+        run(config)
 
 
 if __name__ == "__main__":
