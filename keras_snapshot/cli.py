@@ -124,7 +124,7 @@ def _export(args, argv: list[str]) -> int:
     import keras
 
     from keras_snapshot.ensemble import _load
-    from keras_snapshot.export import export_saved_model
+    from keras_snapshot.export import _backend_problem, export_saved_model
 
     if not Path(args.model).is_file():
         raise UserError(f"Model file {args.model!r} does not exist.")
@@ -133,15 +133,16 @@ def _export(args, argv: list[str]) -> int:
     # Loaded here on every backend, so that a corrupt or unsafe file is reported by this process.
     model = _load(Path(args.model), safe_mode=not args.unsafe)
     if (
-        keras.backend.backend() == "torch"
-        and args.format == "tf_saved_model"
+        keras.backend.backend() != "tensorflow"
+        and _backend_problem(args.format)
         and importlib.util.find_spec("tensorflow") is not None
         and not os.environ.get(_REEXEC_FLAG)
     ):
-        # A SavedModel cannot be written from torch; the .keras file is backend-independent, so
-        # the same command runs again under TensorFlow.
+        # E.g. torch cannot write a SavedModel; the .keras file is backend-independent, so the
+        # same command runs again under TensorFlow.
         print(
-            "keras-snapshot: exporting with the TensorFlow backend (torch cannot write a SavedModel).",
+            f"keras-snapshot: exporting with the TensorFlow backend ({keras.backend.backend()} cannot "
+            f"write {args.format} here).",
             file=sys.stderr,
         )
         env = {**os.environ, "KERAS_BACKEND": "tensorflow", _REEXEC_FLAG: "1"}

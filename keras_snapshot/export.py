@@ -21,33 +21,49 @@ SINGLE_OUTPUT_KEY = "predictions"
 ONNX_FILENAME = "model.onnx"
 
 
-def _check_backend(format: str) -> None:
+# What each backend needs for ONNX (Keras converts with tf2onnx, jax2onnx or torch.onnx).
+_ONNX_NEEDS = {"tensorflow": ("tf2onnx", "onnx"), "jax": ("jax2onnx",), "torch": ("onnxscript", "onnx")}
+
+
+def _backend_problem(format: str) -> str | None:
+    """Why this process cannot write `format` with the current backend, or None when it can."""
     backend = keras.backend.backend()
-    if backend not in ("tensorflow", "jax", "torch"):
-        raise RuntimeError(f"export_saved_model does not support the {backend!r} backend of Keras.")
+    if backend not in _ONNX_NEEDS:
+        return f"export_saved_model does not support the {backend!r} backend of Keras."
     if format == "tf_saved_model":
         if backend == "torch":
             # Keras's torch SavedModel path is experimental, needs torch_xla and takes no named
             # (dict) signatures; a .keras file reloads under TensorFlow with the same weights.
-            raise RuntimeError(
+            return (
                 "Exporting a SavedModel from the torch backend is not supported. Save the model "
                 "(model.save('ensemble.keras')) and export it with the TensorFlow backend: "
                 "`keras-snapshot export ensemble.keras SERVING_DIR` (which does this for you), or "
                 "KERAS_BACKEND=tensorflow in the Python process that exports."
             )
         if importlib.util.find_spec("tensorflow") is None:
-            raise RuntimeError(
+            return (
                 "Writing a SavedModel needs TensorFlow, also from the JAX backend: "
                 "pip install 'keras-snapshot[cpu]' (or tensorflow)."
             )
-    else:
-        needed = ["onnx", "onnxscript"] if backend == "torch" else ["tf2onnx", "onnx"]
-        missing = [name for name in needed if importlib.util.find_spec(name) is None]
-        if missing:
-            raise RuntimeError(
-                f"format='onnx' needs {', '.join(missing)} on the {backend} backend, which is not installed: "
-                "pip install 'keras-snapshot[onnx]'."
-            )
+        return None
+    missing = [name for name in _ONNX_NEEDS[backend] if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    hint = (
+        "pip install 'keras-snapshot[onnx]'"
+        if backend == "tensorflow"
+        else f"pip install {' '.join(missing)}"
+    )
+    return (
+        f"format='onnx' on the {backend} backend needs {', '.join(missing)}, which is not installed: {hint}"
+        + (
+            ""
+            if backend == "tensorflow"
+            else ", or export the .keras file with `keras-snapshot export --format onnx`, which uses "
+            "TensorFlow and pip install 'keras-snapshot[onnx]'"
+        )
+        + "."
+    )
 
 
 def _serving_model(model: keras.Model, member_outputs: bool):
@@ -129,7 +145,8 @@ def export_saved_model(
         member_outputs: also expose each member's output (needs a `build_ensemble` model).
         overwrite: replace an existing version folder instead of refusing.
         format: "tf_saved_model", or "onnx" (writes `<version>/model.onnx`, the layout of
-            Triton's model repository; needs `pip install 'keras-snapshot[onnx]'`).
+            Triton's model repository, with the same input and output names; needs
+            `pip install 'keras-snapshot[onnx]'` on TensorFlow, jax2onnx on JAX).
         verbose: print Keras's export summary.
 
     Returns:
@@ -164,7 +181,9 @@ def export_saved_model(
             f"Model {model.name!r} is not built: call it on data (or build it) before exporting."
         )
     view, signature = _serving_model(model, bool(member_outputs))
-    _check_backend(format)
+    problem = _backend_problem(format)
+    if problem:
+        raise RuntimeError(problem)
 
     export_dir.mkdir(parents=True, exist_ok=True)
     version = _next_version(export_dir) if version is None else int(version)
@@ -182,7 +201,9 @@ def export_saved_model(
             archive.write_out(str(temporary), verbose=verbose)  # also aliased as serving_default
         else:
             temporary.mkdir()
-            view.export(str(temporary / ONNX_FILENAME), format="onnx", verbose=verbose)
+            view.export(
+                str(temporary / ONNX_FILENAME), format="onnx", verbose=verbose, input_signature=[signature]
+            )
         if target.exists():  # overwrite=True: move the old version aside, then swap
             retired = export_dir / f"{TEMP_PREFIX}{uuid.uuid4().hex}-old-{version}"
             os.replace(target, retired)

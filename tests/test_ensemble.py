@@ -309,6 +309,8 @@ def test_bad_arguments(digits_run, tmp_path):
         build_ensemble(digits_files(directory)[0])
     with pytest.raises(ValueError, match="`name`"):
         build_ensemble(directory, name="")
+    with pytest.raises(ValueError, match="has no symbolic inputs"):
+        build_ensemble([keras.Sequential([keras.layers.Dense(2)])])  # never built: no inputs to copy
 
 
 # --------------------------------------------------------------------------- fitted weights

@@ -261,20 +261,27 @@ def test_bad_targets(tmp_path):
         export_saved_model("ensemble.keras", tmp_path)
 
 
-def test_onnx_format(tmp_path):
-    needed = ["onnx", "onnxscript"] if BACKEND == "torch" else ["tf2onnx", "onnx"]
-    model = tiny_model()
+def test_onnx_format(digits_run, digits, tmp_path):
+    needed = {"tensorflow": ["tf2onnx", "onnx"], "jax": ["jax2onnx"], "torch": ["onnxscript", "onnx"]}[
+        BACKEND
+    ]
+    ensemble = build_ensemble(digits_run[0], last=2)
     if any(importlib.util.find_spec(name) is None for name in needed):
-        with pytest.raises(RuntimeError, match=r"pip install 'keras-snapshot\[onnx\]'"):
-            export_saved_model(model, tmp_path, format="onnx")
+        with pytest.raises(
+            RuntimeError, match=rf"format='onnx' on the {BACKEND} backend needs .*pip install"
+        ):
+            export_saved_model(ensemble, tmp_path, format="onnx")
         assert list(tmp_path.iterdir()) == []
         return
-    path = export_saved_model(model, tmp_path, format="onnx")
-    assert (path / "model.onnx").is_file()
+    path = export_saved_model(ensemble, tmp_path, format="onnx", member_outputs=True)
+    assert path == tmp_path / "1" and (path / "model.onnx").is_file()
     if importlib.util.find_spec("onnxruntime") is not None:
         import onnxruntime
 
-        x = np.random.default_rng(0).random((3, 4), dtype="float32")
+        x = digits[2][:8]
         session = onnxruntime.InferenceSession(str(path / "model.onnx"))
-        (served,) = session.run(None, {session.get_inputs()[0].name: x})
-        np.testing.assert_allclose(served, call(model, x), atol=TOLERANCE)
+        assert [i.name for i in session.get_inputs()] == ["pixels"]
+        names = [o.name for o in session.get_outputs()]
+        assert sorted(names) == ["predictions", "snapshot_02", "snapshot_03"]
+        served = dict(zip(names, session.run(None, {"pixels": x}), strict=True))
+        np.testing.assert_allclose(served["predictions"], call(ensemble, x), atol=TOLERANCE)
