@@ -250,7 +250,7 @@ class SnapshotCallback(keras.callbacks.Callback):
                     "and keep this callback, or compile with steps_per_execution=1."
                 )
         self._alpha0, self._total, _ = validate_schedule_args(alpha0, total, self.cycles)
-        self._cycle_length = math.ceil(self._total / self.cycles)
+        self._cycle_length = -(-self._total // self.cycles)  # ceil(T/M) in integers, exact for any T
         self._cycle_ends = snapshot_steps(self._total, self.cycles)
         self._check_execution_boundaries(steps)
 
@@ -359,7 +359,11 @@ class SnapshotCallback(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self._step is None:  # a subclass or hook order skipped batch_begin
             self._start_counting()
-        # With steps_per_execution = k one hook call covers several steps.
+        # With steps_per_execution = k one hook call covers several steps. Keras reports an epoch's
+        # short last execution as a full one (3 steps, k = 2: batch ends 1, then 3): clamp to the epoch.
+        steps = (self.params or {}).get("steps")
+        if steps:
+            batch = min(batch, steps - 1)
         self._step += batch - self._last_batch
         self._last_batch = batch
         if self._step > self._total and not self._warned_past_end:
@@ -440,7 +444,7 @@ class SnapshotCallback(keras.callbacks.Callback):
             cycle = self._cycle_ends.index(self._step) + 1
             if cycle not in self._done_cycles:
                 steps = (self.params or {}).get("steps")
-                epoch = math.ceil(self._step / steps) if steps else self._epoch
+                epoch = -(-self._step // steps) if steps else self._epoch
                 self._snapshot(cycle, {}, epoch=epoch)
 
     def _due_cycles(self) -> list[int]:
