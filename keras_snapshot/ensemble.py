@@ -338,9 +338,11 @@ def _combine(inputs, keys, output_struct, taps, weights, name: str) -> keras.Mod
         if weights is None:
             combined[key] = keras.layers.Average(name=key)(tensors)
         else:
+            # A member of weight 0 stays off the graph: same outputs, one member less to run.
             scaled = [
                 keras.layers.Rescaling(float(weight), name=f"{member}_{key}_weight")(tensor)
                 for member, weight, tensor in zip(taps, weights, tensors, strict=True)
+                if weight > 0
             ]
             combined[key] = keras.layers.Add(name=key)(scaled)
     if isinstance(output_struct, dict):
@@ -622,6 +624,7 @@ def build_ensemble(
         last: keep only the last m snapshots (1 <= m <= M); None keeps all.
         weights: None for the plain mean; one non-negative weight per member kept (normalised to
             sum to 1); or "fit" to fit them on `validation_data` (see `fit_ensemble_weights`).
+            Members of weight 0 are left out of the model, so they cost nothing at inference.
         output_activation: an activation name applied to every member output before averaging
             (e.g. "softmax" for logits), or a dict {output name: activation or None}.
         name: the name of the ensemble model.
