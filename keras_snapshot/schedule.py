@@ -18,6 +18,7 @@ import numpy as np
 
 __all__ = [
     "SnapshotSchedule",
+    "cycle_length",
     "snapshot_learning_rate",
     "snapshot_steps",
     "validate_schedule_args",
@@ -40,6 +41,11 @@ def _check_rate(name: str, value) -> float:
     return float(value)
 
 
+def cycle_length(total_steps: int, cycles: int) -> int:
+    """ceil(T/M), in integers: exact for any T (a float division rounds past 2**53)."""
+    return -(-total_steps // cycles)
+
+
 def validate_schedule_args(initial_learning_rate, total_steps, cycles) -> tuple[float, int, int]:
     """Checks the schedule's arguments; returns them as (float, int, int).
 
@@ -55,12 +61,12 @@ def validate_schedule_args(initial_learning_rate, total_steps, cycles) -> tuple[
             f"`cycles` ({cycles}) cannot exceed `total_steps` ({total_steps}): each cycle needs at "
             "least one training step. Train for more steps or use fewer cycles."
         )
-    cycle_length = math.ceil(total_steps / cycles)
-    if (cycles - 1) * cycle_length >= total_steps:
+    length = cycle_length(total_steps, cycles)
+    if (cycles - 1) * length >= total_steps:
         raise ValueError(
             f"With total_steps={total_steps} and cycles={cycles} the paper's cycle length "
-            f"ceil(T/M)={cycle_length} leaves cycle {cycles} without any step, so only "
-            f"{math.ceil(total_steps / cycle_length)} snapshots would be taken. Choose total_steps "
+            f"ceil(T/M)={length} leaves cycle {cycles} without any step, so only "
+            f"{cycle_length(total_steps, length)} snapshots would be taken. Choose total_steps "
             "and cycles so that (cycles - 1) * ceil(total_steps / cycles) < total_steps "
             "(e.g. total_steps a multiple of cycles)."
         )
@@ -79,8 +85,8 @@ def snapshot_steps(total_steps: int, cycles: int) -> list[int]:
     [4, 8, 10]
     """
     _, total_steps, cycles = validate_schedule_args(1.0, total_steps, cycles)
-    cycle_length = math.ceil(total_steps / cycles)
-    return [min(k * cycle_length, total_steps) for k in range(1, cycles + 1)]
+    length = cycle_length(total_steps, cycles)
+    return [min(k * length, total_steps) for k in range(1, cycles + 1)]
 
 
 def snapshot_learning_rate(t, *, initial_learning_rate: float, total_steps: int, cycles: int):
@@ -102,15 +108,30 @@ def snapshot_learning_rate(t, *, initial_learning_rate: float, total_steps: int,
     0.2
     """
     alpha0, total_steps, cycles = validate_schedule_args(initial_learning_rate, total_steps, cycles)
-    t_array = np.asarray(t)
+    try:
+        t_array = np.asarray(t)
+        if t_array.dtype == object:  # Python ints past int64, Fractions, Decimals...
+            items = t_array.ravel().tolist()
+            if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in items):
+                raise TypeError(f"`t` must be integer iteration number(s), got {t!r}.")
+            t_array = np.asarray([float(v) for v in items], dtype=np.float64).reshape(t_array.shape)
+    except OverflowError:
+        raise ValueError(f"`t` must fit in int64, got {t!r}.") from None
+    if t_array.dtype == bool or not (
+        np.issubdtype(t_array.dtype, np.integer) or np.issubdtype(t_array.dtype, np.floating)
+    ):
+        raise TypeError(f"`t` must be integer iteration number(s), got {t!r}.")
     if not np.issubdtype(t_array.dtype, np.integer):
-        if not np.all(np.mod(t_array, 1) == 0):
+        if not np.all(np.isfinite(t_array)) or not np.all(np.mod(t_array, 1) == 0):
             raise ValueError(f"`t` must hold whole iteration numbers, got {t!r}.")
+        if np.any(np.abs(t_array) >= 2.0**63):
+            raise ValueError(f"`t` must fit in int64, got {t!r}.")
         t_array = t_array.astype(np.int64)
     if np.any(t_array < 1):
         raise ValueError(f"`t` is 1-based: every iteration number must be >= 1, got {t!r}.")
-    cycle_length = math.ceil(total_steps / cycles)
-    rate = alpha0 / 2.0 * (np.cos(np.pi * np.mod(t_array - 1, cycle_length) / cycle_length) + 1.0)
+    length = cycle_length(total_steps, cycles)
+    # The remainder in integers, so huge step numbers stay exact.
+    rate = alpha0 / 2.0 * (np.cos(np.pi * (np.mod(t_array - 1, length) / length)) + 1.0)
     return float(rate) if rate.ndim == 0 else rate
 
 
@@ -150,11 +171,15 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.initial_learning_rate, self.total_steps, self.cycles = validate_schedule_args(
             initial_learning_rate, total_steps, cycles
         )
-        self.cycle_length = math.ceil(self.total_steps / self.cycles)
+        self.cycle_length = cycle_length(self.total_steps, self.cycles)
 
     def __call__(self, step):
-        step = keras.ops.cast(step, "float32")
-        position = keras.ops.mod(step, float(self.cycle_length)) / float(self.cycle_length)
+        # mod in the step's integer dtype: a float32 step is exact only up to 2**24 steps.
+        step = keras.ops.convert_to_tensor(step)
+        if "int" not in keras.backend.standardize_dtype(step.dtype):
+            step = keras.ops.cast(step, "int64")
+        remainder = keras.ops.mod(step, keras.ops.cast(self.cycle_length, step.dtype))
+        position = keras.ops.cast(remainder, "float32") / float(self.cycle_length)
         return (self.initial_learning_rate / 2.0) * (keras.ops.cos(math.pi * position) + 1.0)
 
     def get_config(self) -> dict:

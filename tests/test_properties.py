@@ -143,8 +143,9 @@ def test_schedule_arguments(alpha0, total, cycles, keep):
 @given(t=st.one_of(ANYTHING, st.lists(st.integers(-3, 50), max_size=4)))
 def test_step_argument(t):
     kwargs = {"initial_learning_rate": 0.2, "total_steps": 40, "cycles": 4}
-    if isinstance(t, bool) or (isinstance(t, (int, np.integer)) and abs(int(t)) > 2**62):
-        return  # known schedule.py gaps, pinned by the xfail tests below
+    if isinstance(t, bool) or (isinstance(t, (int, np.integer)) and abs(int(t)) >= 2**63):
+        assert_refused(lambda: snapshot_learning_rate(t, **kwargs))  # a bool, or beyond int64
+        return
     if isinstance(t, (float, np.floating)) and math.isfinite(t) and abs(t) > 2**62:
         assert_refused(lambda: snapshot_learning_rate(t, **kwargs))  # beyond int64: refused, never wrapped
         return
@@ -354,11 +355,7 @@ def test_fit_refuses_before_training_or_applies_the_formula(
     assert [e["step"] for e in manifest["snapshots"]] == [end for end in ends if end <= done]
 
 
-# --------------------------------------------------------------------------- known gaps in schedule.py
-SCHEDULE_GAP = "schedule.py (not owned by this test's author): reported, see the closing note of issue #4"
-
-
-@pytest.mark.xfail(strict=True, reason=f"SnapshotSchedule computes the step in float32: {SCHEDULE_GAP}")
+# --------------------------------------------------------------------------- edges of schedule.py
 def test_in_graph_schedule_is_exact_past_2_to_the_24_steps():
     # T = 40,000,000 steps, M = 40,000: cycles of 1,000 steps. Step t = 20,001,000 ends a cycle (rate
     # ~5e-7), but float32 rounds its 0-based step 20,000,999 to 20,001,000: a new cycle's alpha0 = 0.2.
@@ -369,18 +366,15 @@ def test_in_graph_schedule_is_exact_past_2_to_the_24_steps():
     assert got == pytest.approx(want, abs=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=f"ceil(T/M) is computed in floating point: {SCHEDULE_GAP}")
 def test_snapshot_steps_end_at_total_steps_for_huge_runs():
     total = 2**63 - 1
     assert snapshot_steps(total, 3)[-1] == total
 
 
-@pytest.mark.xfail(strict=True, reason=f"t=True is read as step 1: {SCHEDULE_GAP}")
 def test_step_true_is_refused():
     assert_refused(lambda: snapshot_learning_rate(True, initial_learning_rate=0.2, total_steps=40, cycles=4))
 
 
-@pytest.mark.xfail(strict=True, reason=f"a step beyond int64 raises OverflowError: {SCHEDULE_GAP}")
 def test_step_beyond_int64_is_refused_with_a_value_error():
     assert_refused(
         lambda: snapshot_learning_rate(10**20, initial_learning_rate=0.2, total_steps=40, cycles=4)
