@@ -113,15 +113,24 @@ def test_directory_moved_away_mid_run_then_put_back(tmp_path, digits):
 
 
 # --------------------------------------------------------------------------- read-only directory
+def _run(command):
+    """Runs a mount command; returns None on success, else why it failed."""
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    except OSError as error:  # no mount binary here
+        return str(error)
+    return None if result.returncode == 0 else (result.stderr.strip() or f"{command} failed")
+
+
 def _bind_read_only(directory):
     for command in (
         ["mount", "--bind", str(directory), str(directory)],
         ["mount", "-o", "remount,bind,ro", str(directory), str(directory)],
     ):
-        result = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
-        if result.returncode != 0:
-            subprocess.run(["umount", str(directory)], capture_output=True, timeout=30, check=False)
-            return result.stderr.strip() or f"{command} failed"
+        problem = _run(command)
+        if problem:
+            _run(["umount", str(directory)])
+            return problem
     return None
 
 
@@ -138,7 +147,7 @@ def read_only(tmp_path):
         problem = _bind_read_only(directory)
         if problem:
             pytest.skip(f"running as root and a read-only bind mount is not allowed here: {problem}")
-        undo.append(lambda: subprocess.run(["umount", str(directory)], timeout=30, check=False))
+        undo.append(lambda: _run(["umount", str(directory)]))
 
     yield make
     for step in reversed(undo):
@@ -187,14 +196,14 @@ def tmpfs(tmp_path):
             command = ["mount", "-o", f"remount,{options}", str(directory)]
         else:
             command = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+        problem = _run(command)
+        if problem:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {problem}")
         mounted.append(directory)
 
     yield mount
     if mounted:
-        subprocess.run(["umount", "-l", str(mounted[0])], capture_output=True, timeout=30, check=False)
+        _run(["umount", "-l", str(mounted[0])])
 
 
 def snapshot_pages(tmp_path, digits):

@@ -345,7 +345,11 @@ def test_fit_refuses_before_training_or_applies_the_formula(
         warnings.simplefilter("always")
         fit()
     past_end = [w for w in caught if "gone past total_steps" in str(w.message)]
-    assert len(past_end) == (1 if run_total < steps * epochs else 0), [str(w.message) for w in caught]
+    iterations = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    assert len(past_end) == (1 if run_total < steps * epochs else 0), (
+        [(w.category.__name__, str(w.message), w.filename, w.lineno) for w in past_end],
+        {"iterations": iterations, "T": run_total, "done": steps * epochs},
+    )
     done = steps * epochs
     want = [paper(t, 0.3, run_total, cycles) for t in range(1, done + 1)]
     np.testing.assert_allclose(recorder.rates, want, rtol=0, atol=2e-6)
@@ -358,7 +362,7 @@ def test_fit_refuses_before_training_or_applies_the_formula(
 # --------------------------------------------------------------------------- edges of schedule.py
 def test_in_graph_schedule_is_exact_past_2_to_the_24_steps():
     # T = 40,000,000 steps, M = 40,000: cycles of 1,000 steps. Step t = 20,001,000 ends a cycle (rate
-    # ~5e-7), but float32 rounds its 0-based step 20,000,999 to 20,001,000: a new cycle's alpha0 = 0.2.
+    # ~5e-7); computed in float32 its 0-based step 20,000,999 would round to a new cycle (alpha0 = 0.2).
     schedule = SnapshotSchedule(0.2, total_steps=40_000_000, cycles=40_000)
     iterations = keras.ops.convert_to_tensor(np.array(20_000_999, dtype="int64"))
     got = float(keras.ops.convert_to_numpy(schedule(iterations)))

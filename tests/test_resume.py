@@ -90,6 +90,7 @@ class Kept:
 def assert_resumed_correctly(config, kept, final_start=None, warnings_seen=()):
     manifest = checks.assert_complete(config["directory"], config)
     kept.assert_untouched(config["directory"], manifest)
+    checks.assert_ensemble_is_the_mean(config["directory"], config)
     runs = checks.read_records(config["record"])
     assert len(runs) >= 2, "expected the interrupted run(s) and the resumed run in the records"
     for each in runs:

@@ -102,6 +102,24 @@ def assert_complete(directory, config, atol=1e-5):
     return manifest
 
 
+def assert_ensemble_is_the_mean(directory, config):
+    """build_ensemble(directory) is one model whose output is the mean of the M snapshots' outputs."""
+    import keras
+
+    from keras_snapshot.ensemble import build_ensemble
+
+    directory = Path(directory)
+    x = np.eye(config["steps"] * config.get("batch", 1), dtype="float32")
+    manifest = read_manifest_raw(directory)
+    outputs = [
+        keras.ops.convert_to_numpy(keras.saving.load_model(directory / e["file"], compile=False)(x))
+        for e in manifest["snapshots"]
+    ]
+    ensemble = build_ensemble(directory)
+    got = keras.ops.convert_to_numpy(ensemble(x))
+    np.testing.assert_allclose(got, np.mean(outputs, axis=0), rtol=1e-5, atol=1e-7)
+
+
 class _approx:
     def __init__(self, value, atol):
         self.value, self.atol = value, atol
