@@ -29,8 +29,20 @@ test: lint
 	  KERAS_BACKEND=$$backend $(BIN)/python -m pytest -q $(PYTEST_ARGS); \
 	done
 
+# The demo's data: Fashion-MNIST from the Debian package dataset-fashion-mnist, installed only when missing
+# (make demo DEMO_ARGS="--dataset digits" needs nothing but scikit-learn).
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+DEMO_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 demo: install
-	$(BIN)/python examples/demo.py
+	@if ! echo " $(DEMO_ARGS) " | grep -Eq -- "--data-dir|--dataset[ =](digits|mnist5k|cifar10|cifar100|mnist) " \
+	    && [ ! -f "$(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz" ]; then \
+	  echo "Fashion-MNIST is not in $(FASHION_MNIST_DIR): installing the Debian package dataset-fashion-mnist"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist \
+	    || echo "Could not install dataset-fashion-mnist; try: make demo DEMO_ARGS=\"--dataset digits\""; \
+	fi
+	FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(BIN)/python examples/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
