@@ -1,0 +1,602 @@
+"""Ensemble inference and the builder: ONE averaged graph vs the loop peers use, side by side.
+
+M = 5 snapshots of a small CNN (written by a real SnapshotCallback run), requests of batch 1, 32, 1024.
+
+  ensemble   `build_ensemble(directory)`: one functional model averaging the members
+  loop       what peers do: M separately loaded models, one call each, then `np.mean`
+  member     ONE member alone (the reference for the compiled-path targets)
+
+through three paths, compared like with like:
+
+  predict           `model.predict(x, batch_size=len(x))` (carries tens of ms of fixed cost per call)
+  compiled          `model.predict_on_batch(x)` (the compiled predict function, no per-call set-up)
+  serving_default   the exported SavedModel's `serving_default` signature (what TF Serving runs),
+                    loaded with `tf.saved_model.load`; from the TensorFlow and JAX backends
+
+Builder: `build_ensemble(directory)` timed against loading the M files one by one; every call of
+`keras.saving.load_model` and every zip archive opened is counted per file (each must be 1).
+Peak memory: in fresh processes, the peak resident set size (VmHWM, reset after imports) of loading and
+running one member, the ensemble (build + run) and the loop, above the process's size after imports.
+
+One compute thread per backend process by default (--threads): on the shared 2-core machine these numbers
+come from, torch with its default 2 OpenMP threads took 64 ms for one member at batch 1 instead of 2 ms.
+With one thread the ensemble's independent branches cannot run in parallel.
+
+Method: every case is warmed up (compilation, first calls), then timed in interleaved rounds (all cases of
+a batch size one after the other, round after round); a sample repeats a fast call until it lasts about
+20 ms; per case the median over rounds. Ratios are of medians measured in the same process.
+
+    python benchmarks/inference.py                 # all backends (minutes)
+    python benchmarks/inference.py --quick         # smoke run
+    python benchmarks/inference.py --backends tensorflow --rounds 21
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common
+
+M = 5
+BATCH_SIZES = (1, 32, 1024)
+ROUNDS = {"full": {1: 15, 32: 15, 1024: 7}, "quick": {1: 1, 32: 1, 1024: 1}}
+BUILD_ROUNDS = {"full": 5, "quick": 1}
+SAMPLE_SECONDS = {"full": 0.02, "quick": 0.0}
+MODEL_DESCRIPTION = (
+    "small CNN: 28x28x1, Conv 16 3x3 relu, pool, Conv 32 3x3 relu, pool, Dense 10 softmax (12,810 parameters)"
+)
+EXPORT_BACKENDS = ("tensorflow", "jax")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _status_kib(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1))
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def make_member(seed: int):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((28, 28, 1), name="image")
+    x = keras.layers.Conv2D(16, 3, activation="relu")(inputs)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(32, 3, activation="relu")(x)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Flatten()(x)
+    outputs = keras.layers.Dense(10, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="cnn")
+
+
+def write_snapshots(directory: Path) -> list[Path]:
+    """A real SnapshotCallback run: M cycles, one snapshot each (weights differ: the members differ)."""
+    import keras
+    import numpy as np
+
+    import keras_snapshot
+
+    model = make_member(0)
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True), "sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x = rng.random((M * 2 * 32, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, len(x)).astype("int32")
+    callback = keras_snapshot.SnapshotCallback(directory, cycles=M, initial_learning_rate=0.1)
+    model.fit(x, y, batch_size=32, epochs=M, verbose=0, callbacks=[callback])
+    manifest = keras_snapshot.read_manifest(directory)
+    return [directory / entry["file"] for entry in manifest["snapshots"]]
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def _memory_worker(args) -> dict:
+    """Runs in a fresh process: peak RSS above the post-import size for one scenario."""
+    import keras
+    import numpy as np
+
+    import keras_snapshot
+
+    paths = [Path(p) for p in args.paths.split(os.pathsep)]
+    x = np.random.default_rng(1).random((1024, 28, 28, 1), dtype=np.float32)
+    keras.ops.convert_to_numpy(keras.ops.ones((2, 2)) + 1)  # backend runtime up before the baseline
+    baseline = _status_kib("VmRSS")
+    resettable = _reset_peak()
+    if args.memory_worker == "member":
+        model = keras.saving.load_model(paths[0], compile=False)
+        outputs = [model.predict_on_batch(x), model.predict(x, batch_size=1024, verbose=0)]
+    elif args.memory_worker == "ensemble":
+        model = keras_snapshot.build_ensemble(paths)
+        outputs = [model.predict_on_batch(x), model.predict(x, batch_size=1024, verbose=0)]
+    elif args.memory_worker == "loop":
+        models = [keras.saving.load_model(p, compile=False) for p in paths]
+        outputs = [np.mean([m.predict_on_batch(x) for m in models], axis=0)]
+        outputs.append(np.mean([m.predict(x, batch_size=1024, verbose=0) for m in models], axis=0))
+    else:
+        raise ValueError(args.memory_worker)
+    assert all(np.isfinite(np.asarray(o)).all() for o in outputs)
+    peak = _status_kib("VmHWM")
+    return {
+        "baseline_kib": baseline,
+        "peak_kib": peak,
+        "delta_kib": peak - baseline,
+        "peak_reset": resettable,
+    }
+
+
+def _measure_memory(paths: list[Path], threads: int) -> dict:
+    env = dict(os.environ)
+    env.update(_common.thread_env(threads))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_common.REPO_ROOT), env.get("PYTHONPATH")]))
+    out = {}
+    for scenario in ("member", "ensemble", "loop"):
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--memory-worker",
+            scenario,
+            "--paths",
+            os.pathsep.join(str(p) for p in paths),
+        ]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"memory worker {scenario} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        out[scenario] = json.loads(lines[-1])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- worker
+def _worker(args) -> dict:
+    import gc
+    import statistics
+    import tempfile
+    import zipfile
+
+    import keras
+    import numpy as np
+
+    import keras_snapshot
+
+    backend = keras.backend.backend()
+    mode = "quick" if args.quick else "full"
+    rounds = dict(ROUNDS[mode])
+    if args.rounds:
+        rounds = {bs: args.rounds for bs in rounds}
+    tmp = Path(tempfile.mkdtemp(prefix="ks-inference-"))
+    log = lambda text: print(f"[{backend}] {text}", file=sys.stderr, flush=True)  # noqa: E731
+
+    log("writing M snapshots (a real SnapshotCallback run)")
+    directory = tmp / "snapshots"
+    paths = write_snapshots(directory)
+    assert len(paths) == M, paths
+    keras.backend.clear_session()
+    gc.collect()
+
+    # ----------------------------------------------------------------- builder: time and load counts
+    loads, archives = [], []
+    real_load_model = keras.saving.load_model
+    real_zip_init = zipfile.ZipFile.__init__
+
+    def counting_load_model(filepath, *a, **k):
+        loads.append(str(Path(filepath).resolve()))
+        return real_load_model(filepath, *a, **k)
+
+    def counting_zip_init(self, file, *a, **k):
+        name = file if isinstance(file, (str, os.PathLike)) else getattr(file, "name", None)
+        if name is not None and str(name).endswith(".keras"):
+            archives.append(str(Path(name).resolve()))
+        return real_zip_init(self, file, *a, **k)
+
+    def peers_load():
+        return [keras.saving.load_model(p, compile=False) for p in paths]
+
+    keras.saving.load_model = counting_load_model
+    zipfile.ZipFile.__init__ = counting_zip_init
+    try:
+        build_times, load_times, build_counts = [], [], []
+        first = 1 if args.quick else 0  # round 0: a warm-up round (imports, first traces), not in quick
+        for round_index in range(first, BUILD_ROUNDS[mode] + 1):
+            order = (
+                [("build", None), ("load", None)]
+                if round_index % 2 == 0
+                else [("load", None), ("build", None)]
+            )
+            for case, _ in order:
+                gc.collect()
+                loads.clear()
+                archives.clear()
+                start = time.perf_counter()
+                if case == "build":
+                    ensemble = keras_snapshot.build_ensemble(directory)
+                else:
+                    members = peers_load()
+                elapsed = time.perf_counter() - start
+                if round_index == 0:
+                    continue
+                if case == "build":
+                    build_times.append(elapsed)
+                    build_counts.append(
+                        {
+                            "load_model_calls": len(loads),
+                            "max_loads_per_file": max(loads.count(p) for p in set(loads)) if loads else 0,
+                            "files_loaded": len(set(loads)),
+                            "zip_opens": len(archives),
+                            "max_zip_opens_per_file": max(archives.count(p) for p in set(archives))
+                            if archives
+                            else 0,
+                        }
+                    )
+                else:
+                    load_times.append(elapsed)
+    finally:
+        keras.saving.load_model = real_load_model
+        zipfile.ZipFile.__init__ = real_zip_init
+    builder = {
+        "build_s": _common.median(build_times),
+        "load_m_files_s": _common.median(load_times),
+        "build_over_load": _common.median(build_times) / _common.median(load_times),
+        "counts": build_counts,
+        "load_model_calls": max(c["load_model_calls"] for c in build_counts),
+        "max_loads_per_file": max(c["max_loads_per_file"] for c in build_counts),
+        "max_zip_opens_per_file": max(c["max_zip_opens_per_file"] for c in build_counts),
+        "files_loaded": min(c["files_loaded"] for c in build_counts),
+    }
+    log(f"builder: build {builder['build_s']:.2f}s, loads/file {builder['max_loads_per_file']}")
+
+    # ------------------------------------------------------------------------------ inference
+    ensemble = keras_snapshot.build_ensemble(directory)
+    members = peers_load()
+    member = members[-1]
+    rng = np.random.default_rng(2)
+    inputs = {bs: rng.random((bs, 28, 28, 1), dtype=np.float32) for bs in BATCH_SIZES}
+
+    # Same numbers from every path (a benchmark of wrong answers is worthless).
+    x = inputs[32]
+    reference = np.mean([m.predict_on_batch(x) for m in members], axis=0)
+    np.testing.assert_allclose(ensemble.predict_on_batch(x), reference, rtol=1e-4, atol=1e-6)
+
+    serving, export_note = None, None
+    if backend in EXPORT_BACKENDS:
+        try:
+            import tensorflow as tf
+
+            export_path = keras_snapshot.export_saved_model(ensemble, tmp / "serving")
+            loaded = tf.saved_model.load(str(export_path))
+            signature = loaded.signatures["serving_default"]
+            (input_key,) = signature.structured_input_signature[1].keys()
+            (output_key,) = signature.structured_outputs.keys()
+
+            def serving(x, signature=signature, input_key=input_key, output_key=output_key):
+                return signature(**{input_key: tf.constant(x)})[output_key].numpy()
+
+            np.testing.assert_allclose(serving(x), reference, rtol=1e-4, atol=1e-6)
+        except Exception as error:  # reported, not hidden
+            serving, export_note = None, f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+    else:
+        export_note = "export_saved_model runs from the TensorFlow and JAX backends only"
+
+    def cases_for(bs: int) -> dict:
+        x = inputs[bs]
+        cases = {
+            "ensemble.predict": lambda: ensemble.predict(x, batch_size=bs, verbose=0),
+            "loop.predict": lambda: np.mean(
+                [m.predict(x, batch_size=bs, verbose=0) for m in members], axis=0
+            ),
+            "member.predict": lambda: member.predict(x, batch_size=bs, verbose=0),
+            "ensemble.compiled": lambda: ensemble.predict_on_batch(x),
+            "loop.compiled": lambda: np.mean([m.predict_on_batch(x) for m in members], axis=0),
+            "member.compiled": lambda: member.predict_on_batch(x),
+        }
+        if serving is not None:
+            cases["ensemble.serving_default"] = lambda: serving(x)
+        return cases
+
+    timings = {}
+    for bs in BATCH_SIZES:
+        cases = cases_for(bs)
+        repeat = {}
+        for name, fn in cases.items():  # warm-up, and calls per sample
+            fn()
+            repeat[name] = 1
+            if SAMPLE_SECONDS[mode]:
+                start = time.perf_counter()
+                fn()
+                once = time.perf_counter() - start
+                repeat[name] = max(1, round(SAMPLE_SECONDS[mode] / max(once, 1e-6)))
+        samples = {name: [] for name in cases}
+        names = list(cases)
+        for round_index in range(rounds[bs]):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                fn, n = cases[name], repeat[name]
+                start = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                samples[name].append((time.perf_counter() - start) / n)
+        timings[str(bs)] = {
+            "median_ms": {name: _common.median(v) * 1e3 for name, v in samples.items()},
+            "calls_per_sample": repeat,
+            "rounds": rounds[bs],
+            "samples_ms": {name: [s * 1e3 for s in v] for name, v in samples.items()},
+            "spread": {
+                name: statistics.pstdev(v) / _common.median(v) for name, v in samples.items() if len(v) > 1
+            },
+        }
+        log(f"batch {bs}: " + ", ".join(f"{k} {v:.2f}ms" for k, v in timings[str(bs)]["median_ms"].items()))
+
+    memory = None if args.no_memory else _measure_memory(paths, args.threads)
+    return {
+        "backend": backend,
+        "keras": keras.__version__,
+        "mode": mode,
+        "members": M,
+        "builder": builder,
+        "timings_ms": timings,
+        "serving_default": export_note or "ok",
+        "memory": memory,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def _targets(backend: str, res: dict) -> list[tuple[str, str, bool | None]]:
+    t = {int(bs): v["median_ms"] for bs, v in res["timings_ms"].items()}
+    out = []
+    speedup = t[1]["loop.predict"] / t[1]["ensemble.predict"]
+    out.append(("batch 1, predict: loop / ensemble >= 4", f"{speedup:.2f}", speedup >= 4))
+    ratio = t[1]["ensemble.compiled"] / t[1]["member.compiled"]
+    out.append(("batch 1, compiled: ensemble / member <= 2", f"{ratio:.2f}", ratio <= 2))
+    ratio = t[1024]["ensemble.compiled"] / (M * t[1024]["member.compiled"])
+    out.append((f"batch 1024, compiled: ensemble / ({M} x member) <= 1.0", f"{ratio:.2f}", ratio <= 1.0))
+    if all("ensemble.serving_default" in t[bs] for bs in t):
+        ratios = {bs: t[bs]["ensemble.serving_default"] / t[bs]["ensemble.compiled"] for bs in t}
+        worst = max(ratios.values())
+        out.append(
+            (
+                "serving_default / compiled <= 1.2 (every batch size)",
+                ", ".join(f"{bs}: {r:.2f}" for bs, r in ratios.items()),
+                worst <= 1.2,
+            )
+        )
+    else:
+        out.append(("serving_default / compiled <= 1.2", f"n/a ({res['serving_default']})", None))
+    b = res["builder"]
+    out.append(
+        (
+            "builder loads each snapshot once",
+            f"{b['load_model_calls']} load_model calls for {b['files_loaded']} files, max per file "
+            f"{b['max_loads_per_file']} (zip opens per file {b['max_zip_opens_per_file']})",
+            b["max_loads_per_file"] == 1 and b["files_loaded"] == M,
+        )
+    )
+    return out
+
+
+def _report(record: dict) -> str:
+    lines = []
+    timing_rows, ratio_rows, target_rows, builder_rows, memory_rows = [], [], [], [], []
+    for backend, res in record["backends"].items():
+        for bs, tm in res["timings_ms"].items():
+            med = tm["median_ms"]
+            sd = med.get("ensemble.serving_default")
+            timing_rows.append(
+                [
+                    backend,
+                    bs,
+                    f"{med['ensemble.predict']:.2f}",
+                    f"{med['loop.predict']:.2f}",
+                    f"{med['member.predict']:.2f}",
+                    f"{med['ensemble.compiled']:.3f}",
+                    f"{med['loop.compiled']:.3f}",
+                    f"{med['member.compiled']:.3f}",
+                    "n/a" if sd is None else f"{sd:.3f}",
+                ]
+            )
+            ratio_rows.append(
+                [
+                    backend,
+                    bs,
+                    f"{med['loop.predict'] / med['ensemble.predict']:.2f}",
+                    f"{med['loop.compiled'] / med['ensemble.compiled']:.2f}",
+                    f"{med['ensemble.compiled'] / med['member.compiled']:.2f}",
+                    f"{med['ensemble.compiled'] / (M * med['member.compiled']):.2f}",
+                    "n/a" if sd is None else f"{sd / med['ensemble.compiled']:.2f}",
+                ]
+            )
+        for name, value, ok in _targets(backend, res):
+            target_rows.append([backend, name, value, _common.verdict(ok)])
+        b = res["builder"]
+        builder_rows.append(
+            [
+                backend,
+                f"{b['build_s']:.2f}",
+                f"{b['load_m_files_s']:.2f}",
+                f"{b['build_over_load']:.2f}",
+                b["load_model_calls"],
+                b["max_loads_per_file"],
+                b["max_zip_opens_per_file"],
+            ]
+        )
+        if res.get("memory"):
+            mem = res["memory"]
+            member, ensemble, loop = (mem[k]["delta_kib"] / 1024 for k in ("member", "ensemble", "loop"))
+            memory_rows.append(
+                [
+                    backend,
+                    f"{member:.1f}",
+                    f"{M * member:.1f}",
+                    f"{ensemble:.1f}",
+                    f"{ensemble / (M * member):.2f}",
+                    f"{loop:.1f}",
+                ]
+            )
+    lines += [
+        "Latency per call, milliseconds (median over interleaved rounds; one call = one request of the "
+        "batch size):\n",
+        _common.markdown_table(
+            [
+                "backend",
+                "batch",
+                "ensemble predict",
+                "loop predict",
+                "member predict",
+                "ensemble compiled",
+                "loop compiled",
+                "member compiled",
+                "ensemble serving_default",
+            ],
+            timing_rows,
+        ),
+        "\nRatios (like with like):\n",
+        _common.markdown_table(
+            [
+                "backend",
+                "batch",
+                "loop/ensemble (predict)",
+                "loop/ensemble (compiled)",
+                "ensemble/member (compiled)",
+                f"ensemble/({M} x member) (compiled)",
+                "serving_default/compiled",
+            ],
+            ratio_rows,
+        ),
+        "\nTargets:\n",
+        _common.markdown_table(["backend", "target", "value", "verdict"], target_rows),
+        f"\nBuilder (`build_ensemble(directory)` with M={M}, vs loading the M files one by one; loads counted "
+        "by wrapping `keras.saving.load_model` and `zipfile.ZipFile`):\n",
+        _common.markdown_table(
+            [
+                "backend",
+                "build (s)",
+                "load M files (s)",
+                "build/load",
+                "load_model calls",
+                "max loads per file",
+                "max zip opens per file",
+            ],
+            builder_rows,
+        ),
+    ]
+    if memory_rows:
+        lines += [
+            "\nPeak memory above the post-import size (fresh process each; load or build, then predict_on_batch "
+            "and predict at batch 1024), MiB:\n",
+            _common.markdown_table(
+                [
+                    "backend",
+                    "one member",
+                    f"{M} x one member",
+                    "ensemble (build + run)",
+                    f"ensemble / ({M} x member)",
+                    "peers' loop",
+                ],
+                memory_rows,
+            ),
+        ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backends", default=",".join(_common.BACKENDS), help="comma-separated")
+    parser.add_argument(
+        "--rounds", type=int, default=0, help="interleaved rounds per batch size (default 15/15/7)"
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: one round, no memory processes")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="compute threads per backend process (default 1, as in overhead.py; 0 = the backend's default)",
+    )
+    parser.add_argument("--out", default=str(_common.RESULTS_DIR), help="results folder ('' to skip writing)")
+    parser.add_argument(
+        "--name", default=None, help="results file stem (default: inference[-backends][-quick])"
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result-json", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--paths", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.no_memory = True
+
+    if args.memory_worker:
+        print(json.dumps(_memory_worker(args)))
+        return 0
+    if args.worker:
+        result = _worker(args)
+        Path(args.result_json).write_text(json.dumps(result))
+        return 0
+
+    backends = [b for b in args.backends.split(",") if b]
+    for backend in backends:
+        if backend not in _common.BACKENDS:
+            parser.error(f"unknown backend {backend!r}")
+    record = {
+        "benchmark": "inference",
+        "command": _common.command_line(),
+        "date": _common.now(),
+        "machine": _common.machine(),
+        "mode": "quick" if args.quick else "full",
+        "members": M,
+        "threads": args.threads,
+        "thread_env": _common.thread_env(args.threads),
+        "backends": {},
+    }
+    forwarded = ["--rounds", str(args.rounds), "--threads", str(args.threads)]
+    forwarded += (["--quick"] if args.quick else []) + (["--no-memory"] if args.no_memory else [])
+    started = time.perf_counter()
+    for backend in backends:
+        record["backends"][backend] = _common.run_worker(
+            Path(__file__).resolve(), backend, forwarded, threads=args.threads
+        )
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    record["loadavg_at_end"] = _common.loadavg()
+    record["failed_targets"] = [
+        f"{b}: {name}"
+        for b, res in record["backends"].items()
+        for name, _, ok in _targets(b, res)
+        if ok is False
+    ]
+    title = "# Ensemble inference and builder" + (
+        " (--quick smoke run: not a measurement)" if args.quick else ""
+    )
+    threads = f"{args.threads}" if args.threads else "backend default"
+    if args.threads:
+        threads += " (" + " ".join(f"{k}={v!r}" for k, v in record["thread_env"].items()) + ")"
+    markdown = (
+        f"{title}\n\nCommand: `{record['command']}` ({record['seconds']:.0f} s)\n\nDate: {record['date']}\n\n"
+        f"{_common.machine_markdown(record['machine'])}\n- load average at end: {record['loadavg_at_end']}\n"
+        f"- compute threads per backend process: {threads}\n- members: M={M} snapshots of a {MODEL_DESCRIPTION}, "
+        "written by a real SnapshotCallback run; random inputs\n\n"
+        f"{_report(record)}\n"
+    )
+    print(markdown)
+    if args.out:
+        stem = args.name or (
+            "inference"
+            + ("" if backends == list(_common.BACKENDS) else "-" + "-".join(backends))
+            + ("-quick" if args.quick else "")
+        )
+        md_path, json_path = _common.write_results(stem, Path(args.out), record, markdown)
+        print(f"wrote {md_path} and {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""Smoke tests of the benchmark scripts: each one's --quick mode on the current backend only.
+
+They check that the scripts run with one command and print well-formed ratio tables and result files;
+the numbers of a --quick run are not measurements and are not checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+BACKEND = keras.backend.backend()
+VERDICT = re.compile(r"^(PASS|FAIL|n/a)$")
+
+
+def run_quick(script: str, out: Path) -> str:
+    env = dict(os.environ, KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick", "--backends", BACKEND, "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
+
+
+def tables(text: str) -> list[list[list[str]]]:
+    """Every markdown table in `text`, as rows of cells (header first, separator dropped)."""
+    found, current = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif current:
+            found.append(current)
+            current = []
+    for table in found:
+        assert len(table) >= 3, table  # header, separator, at least one row
+        assert all(set(cell) <= set("- ") for cell in table[1]), table[1]
+        width = len(table[0])
+        assert all(len(row) == width for row in table), table
+        assert all(cell for row in table for cell in row), table
+    return [[table[0], *table[2:]] for table in found]
+
+
+def table_with(found, *columns):
+    for table in found:
+        if all(column in table[0] for column in columns):
+            return table
+    raise AssertionError(f"no table with columns {columns}: {[t[0] for t in found]}")
+
+
+def check_record(out: Path, stem: str, benchmark: str) -> dict:
+    record = json.loads((out / f"{stem}.json").read_text())
+    markdown = (out / f"{stem}.md").read_text()
+    assert record["benchmark"] == benchmark
+    assert record["mode"] == "quick"
+    assert f"--backends {BACKEND}" in record["command"] and "--quick" in record["command"]
+    assert record["machine"]["nproc"] >= 1 and record["machine"]["cpu"]
+    assert "keras" in record["machine"]["versions"]
+    assert record["date"]
+    assert list(record["backends"]) == [BACKEND]
+    assert record["command"] in markdown
+    return record
+
+
+def test_overhead_quick(tmp_path):
+    stdout = run_quick("overhead.py", tmp_path)
+    found = tables(stdout)
+    timing = table_with(found, "backend", "model", "a us", "b us", "c us", "d us", "b/a", "c/a", "d/a")
+    assert [row[:2] for row in timing[1:]] == [[BACKEND, "mlp"]]
+    for row in timing[1:]:
+        assert all(float(cell) > 0 for cell in row[2:])
+    targets = table_with(found, "target", "value", "verdict")
+    for row in targets[1:]:
+        assert VERDICT.match(row[-1]), row
+    if BACKEND in ("tensorflow", "jax"):
+        assert any(row[2] == "(c)/(a) >= 0.98" for row in targets[1:])
+    saves = table_with(found, "ms/snapshot", "save/cycle")
+    assert float(saves[1][2]) > 0
+    record = check_record(tmp_path, f"overhead-{BACKEND}-quick", "overhead")
+    result = record["backends"][BACKEND]["models"]["mlp"]
+    assert set(result["median_us"]) == {"a", "b", "c", "d"}
+    assert result["save"]["snapshots"] == 1
+
+
+def test_inference_quick(tmp_path):
+    stdout = run_quick("inference.py", tmp_path)
+    found = tables(stdout)
+    latency = table_with(
+        found, "batch", "ensemble predict", "loop predict", "ensemble compiled", "member compiled"
+    )
+    assert [row[1] for row in latency[1:]] == ["1", "32", "1024"]
+    ratios = table_with(
+        found, "loop/ensemble (predict)", "ensemble/member (compiled)", "serving_default/compiled"
+    )
+    assert len(ratios) == 4
+    targets = table_with(found, "target", "value", "verdict")
+    assert len(targets) == 6
+    for row in targets[1:]:
+        assert VERDICT.match(row[-1]), row
+    builder = table_with(found, "build (s)", "max loads per file")
+    # Not a timing: the builder must load every snapshot exactly once.
+    assert builder[1][-2] == "1" and builder[1][-3] == "5", builder
+    record = check_record(tmp_path, f"inference-{BACKEND}-quick", "inference")
+    result = record["backends"][BACKEND]
+    assert result["builder"]["max_loads_per_file"] == 1
+    if BACKEND in ("tensorflow", "jax"):
+        assert result["serving_default"] == "ok", result["serving_default"]
+
+
+@pytest.mark.parametrize("script", ["overhead.py", "inference.py"])
+def test_help_runs_without_a_backend(script):
+    """The drivers import no backend themselves: --help must work (and be quick) anywhere."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--quick" in proc.stdout and "--backends" in proc.stdout
