@@ -2,7 +2,9 @@
 
 M = 5 snapshots of a small CNN (written by a real SnapshotCallback run), requests of batch 1, 32, 1024.
 
-  ensemble   `build_ensemble(directory)`: one functional model averaging the members
+  ensemble   `build_ensemble(directory)`: one functional model averaging the members, one branch each
+  fused      `build_ensemble(directory, fuse=True)`: the same mean, the members' weights stacked into
+             one set of wider layers (about as many ops as one member)
   loop       what peers do: M separately loaded models, one call each, then `np.mean`
   member     ONE member alone (the reference for the compiled-path targets)
 
@@ -20,7 +22,8 @@ running one member, the ensemble (build + run) and the loop, above the process's
 
 One compute thread per backend process by default (--threads): on the shared 2-core machine these numbers
 come from, torch with its default 2 OpenMP threads took 64 ms for one member at batch 1 instead of 2 ms.
-With one thread the ensemble's independent branches cannot run in parallel.
+With one thread the ensemble's independent branches cannot run in parallel. Every target is reported
+for both graphs ([branches] and [fused]); the README says which to use when.
 
 Method: every case is warmed up (compilation, first calls), then timed in interleaved rounds (all cases of
 a batch size one after the other, round after round); a sample repeats a fast call until it lasts about
@@ -118,8 +121,8 @@ def _memory_worker(args) -> dict:
     if args.memory_worker == "member":
         model = keras.saving.load_model(paths[0], compile=False)
         outputs = [model.predict_on_batch(x), model.predict(x, batch_size=1024, verbose=0)]
-    elif args.memory_worker == "ensemble":
-        model = keras_snapshot.build_ensemble(paths)
+    elif args.memory_worker in ("ensemble", "fused"):
+        model = keras_snapshot.build_ensemble(paths, fuse=args.memory_worker == "fused")
         outputs = [model.predict_on_batch(x), model.predict(x, batch_size=1024, verbose=0)]
     elif args.memory_worker == "loop":
         models = [keras.saving.load_model(p, compile=False) for p in paths]
@@ -142,7 +145,7 @@ def _measure_memory(paths: list[Path], threads: int) -> dict:
     env.update(_common.thread_env(threads))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_common.REPO_ROOT), env.get("PYTHONPATH")]))
     out = {}
-    for scenario in ("member", "ensemble", "loop"):
+    for scenario in ("member", "ensemble", "fused", "loop"):
         cmd = [
             sys.executable,
             str(Path(__file__).resolve()),
@@ -259,6 +262,7 @@ def _worker(args) -> dict:
 
     # ------------------------------------------------------------------------------ inference
     ensemble = keras_snapshot.build_ensemble(directory)
+    fused = keras_snapshot.build_ensemble(directory, fuse=True)
     members = peers_load()
     member = members[-1]
     rng = np.random.default_rng(2)
@@ -268,24 +272,34 @@ def _worker(args) -> dict:
     x = inputs[32]
     reference = np.mean([m.predict_on_batch(x) for m in members], axis=0)
     np.testing.assert_allclose(ensemble.predict_on_batch(x), reference, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fused.predict_on_batch(x), reference, rtol=1e-4, atol=1e-6)
 
-    serving, export_note = None, None
+    def load_serving(model, where):
+        """The exported SavedModel's serving_default as a numpy function, checked against the mean."""
+        import warnings
+
+        import tensorflow as tf
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fused CNN's XLA notice (grouped convolutions)
+            export_path = keras_snapshot.export_saved_model(model, tmp / where)
+        loaded = tf.saved_model.load(str(export_path))
+        signature = loaded.signatures["serving_default"]
+        (input_key,) = signature.structured_input_signature[1].keys()
+        (output_key,) = signature.structured_outputs.keys()
+
+        def serving(x):
+            return signature(**{input_key: tf.constant(x)})[output_key].numpy()
+
+        np.testing.assert_allclose(serving(x), reference, rtol=1e-4, atol=1e-6)
+        return serving
+
+    serving, export_note = {}, None
     if backend in EXPORT_BACKENDS:
         try:
-            import tensorflow as tf
-
-            export_path = keras_snapshot.export_saved_model(ensemble, tmp / "serving")
-            loaded = tf.saved_model.load(str(export_path))
-            signature = loaded.signatures["serving_default"]
-            (input_key,) = signature.structured_input_signature[1].keys()
-            (output_key,) = signature.structured_outputs.keys()
-
-            def serving(x, signature=signature, input_key=input_key, output_key=output_key):
-                return signature(**{input_key: tf.constant(x)})[output_key].numpy()
-
-            np.testing.assert_allclose(serving(x), reference, rtol=1e-4, atol=1e-6)
+            serving = {"ensemble": load_serving(ensemble, "serving"), "fused": load_serving(fused, "fused")}
         except Exception as error:  # reported, not hidden
-            serving, export_note = None, f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+            serving, export_note = {}, f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
     else:
         export_note = "export_saved_model runs from the TensorFlow and JAX backends only"
 
@@ -298,11 +312,13 @@ def _worker(args) -> dict:
             ),
             "member.predict": lambda: member.predict(x, batch_size=bs, verbose=0),
             "ensemble.compiled": lambda: ensemble.predict_on_batch(x),
+            "fused.predict": lambda: fused.predict(x, batch_size=bs, verbose=0),
+            "fused.compiled": lambda: fused.predict_on_batch(x),
             "loop.compiled": lambda: np.mean([m.predict_on_batch(x) for m in members], axis=0),
             "member.compiled": lambda: member.predict_on_batch(x),
         }
-        if serving is not None:
-            cases["ensemble.serving_default"] = lambda: serving(x)
+        for graph, function in serving.items():
+            cases[f"{graph}.serving_default"] = lambda function=function: function(x)
         return cases
 
     timings = {}
@@ -352,27 +368,39 @@ def _worker(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- driver
+GRAPHS = {"ensemble": "branches", "fused": "fused"}
+
+
 def _targets(backend: str, res: dict) -> list[tuple[str, str, bool | None]]:
+    """Every latency target for each graph: [branches] = build_ensemble(d), [fused] = fuse=True."""
     t = {int(bs): v["median_ms"] for bs, v in res["timings_ms"].items()}
     out = []
-    speedup = t[1]["loop.predict"] / t[1]["ensemble.predict"]
-    out.append(("batch 1, predict: loop / ensemble >= 4", f"{speedup:.2f}", speedup >= 4))
-    ratio = t[1]["ensemble.compiled"] / t[1]["member.compiled"]
-    out.append(("batch 1, compiled: ensemble / member <= 2", f"{ratio:.2f}", ratio <= 2))
-    ratio = t[1024]["ensemble.compiled"] / (M * t[1024]["member.compiled"])
-    out.append((f"batch 1024, compiled: ensemble / ({M} x member) <= 1.0", f"{ratio:.2f}", ratio <= 1.0))
-    if all("ensemble.serving_default" in t[bs] for bs in t):
-        ratios = {bs: t[bs]["ensemble.serving_default"] / t[bs]["ensemble.compiled"] for bs in t}
-        worst = max(ratios.values())
+    for graph, label in GRAPHS.items():
+        speedup = t[1]["loop.predict"] / t[1][f"{graph}.predict"]
+        out.append((f"[{label}] batch 1, predict: loop / ensemble >= 4", f"{speedup:.2f}", speedup >= 4))
+        ratio = t[1][f"{graph}.compiled"] / t[1]["member.compiled"]
+        out.append((f"[{label}] batch 1, compiled: ensemble / member <= 2", f"{ratio:.2f}", ratio <= 2))
+        ratio = t[1024][f"{graph}.compiled"] / (M * t[1024]["member.compiled"])
         out.append(
             (
-                "serving_default / compiled <= 1.2 (every batch size)",
-                ", ".join(f"{bs}: {r:.2f}" for bs, r in ratios.items()),
-                worst <= 1.2,
+                f"[{label}] batch 1024, compiled: ensemble / ({M} x member) <= 1.0",
+                f"{ratio:.2f}",
+                ratio <= 1.0,
             )
         )
-    else:
-        out.append(("serving_default / compiled <= 1.2", f"n/a ({res['serving_default']})", None))
+        if all(f"{graph}.serving_default" in t[bs] for bs in t):
+            ratios = {bs: t[bs][f"{graph}.serving_default"] / t[bs][f"{graph}.compiled"] for bs in t}
+            out.append(
+                (
+                    f"[{label}] serving_default / compiled <= 1.2 (every batch size)",
+                    ", ".join(f"{bs}: {r:.2f}" for bs, r in ratios.items()),
+                    max(ratios.values()) <= 1.2,
+                )
+            )
+        else:
+            out.append(
+                (f"[{label}] serving_default / compiled <= 1.2", f"n/a ({res['serving_default']})", None)
+            )
     b = res["builder"]
     out.append(
         (
@@ -391,31 +419,40 @@ def _report(record: dict) -> str:
     for backend, res in record["backends"].items():
         for bs, tm in res["timings_ms"].items():
             med = tm["median_ms"]
-            sd = med.get("ensemble.serving_default")
+
+            def ms(key, digits, med=med):
+                return "n/a" if key not in med else f"{med[key]:.{digits}f}"
+
             timing_rows.append(
                 [
                     backend,
                     bs,
-                    f"{med['ensemble.predict']:.2f}",
-                    f"{med['loop.predict']:.2f}",
-                    f"{med['member.predict']:.2f}",
-                    f"{med['ensemble.compiled']:.3f}",
-                    f"{med['loop.compiled']:.3f}",
-                    f"{med['member.compiled']:.3f}",
-                    "n/a" if sd is None else f"{sd:.3f}",
+                    ms("ensemble.predict", 2),
+                    ms("fused.predict", 2),
+                    ms("loop.predict", 2),
+                    ms("member.predict", 2),
+                    ms("ensemble.compiled", 3),
+                    ms("fused.compiled", 3),
+                    ms("loop.compiled", 3),
+                    ms("member.compiled", 3),
+                    ms("ensemble.serving_default", 3),
+                    ms("fused.serving_default", 3),
                 ]
             )
-            ratio_rows.append(
-                [
-                    backend,
-                    bs,
-                    f"{med['loop.predict'] / med['ensemble.predict']:.2f}",
-                    f"{med['loop.compiled'] / med['ensemble.compiled']:.2f}",
-                    f"{med['ensemble.compiled'] / med['member.compiled']:.2f}",
-                    f"{med['ensemble.compiled'] / (M * med['member.compiled']):.2f}",
-                    "n/a" if sd is None else f"{sd / med['ensemble.compiled']:.2f}",
-                ]
-            )
+            for graph, label in GRAPHS.items():
+                sd = med.get(f"{graph}.serving_default")
+                ratio_rows.append(
+                    [
+                        backend,
+                        label,
+                        bs,
+                        f"{med['loop.predict'] / med[f'{graph}.predict']:.2f}",
+                        f"{med['loop.compiled'] / med[f'{graph}.compiled']:.2f}",
+                        f"{med[f'{graph}.compiled'] / med['member.compiled']:.2f}",
+                        f"{med[f'{graph}.compiled'] / (M * med['member.compiled']):.2f}",
+                        "n/a" if sd is None else f"{sd / med[f'{graph}.compiled']:.2f}",
+                    ]
+                )
         for name, value, ok in _targets(backend, res):
             target_rows.append([backend, name, value, _common.verdict(ok)])
         b = res["builder"]
@@ -432,7 +469,9 @@ def _report(record: dict) -> str:
         )
         if res.get("memory"):
             mem = res["memory"]
-            member, ensemble, loop = (mem[k]["delta_kib"] / 1024 for k in ("member", "ensemble", "loop"))
+            member, ensemble, fused, loop = (
+                mem[k]["delta_kib"] / 1024 for k in ("member", "ensemble", "fused", "loop")
+            )
             memory_rows.append(
                 [
                     backend,
@@ -440,23 +479,28 @@ def _report(record: dict) -> str:
                     f"{M * member:.1f}",
                     f"{ensemble:.1f}",
                     f"{ensemble / (M * member):.2f}",
+                    f"{fused:.1f}",
+                    f"{fused / (M * member):.2f}",
                     f"{loop:.1f}",
                 ]
             )
     lines += [
         "Latency per call, milliseconds (median over interleaved rounds; one call = one request of the "
-        "batch size):\n",
+        "batch size; ensemble = the branch graph, fused = `fuse=True`):\n",
         _common.markdown_table(
             [
                 "backend",
                 "batch",
                 "ensemble predict",
+                "fused predict",
                 "loop predict",
                 "member predict",
                 "ensemble compiled",
+                "fused compiled",
                 "loop compiled",
                 "member compiled",
                 "ensemble serving_default",
+                "fused serving_default",
             ],
             timing_rows,
         ),
@@ -464,6 +508,7 @@ def _report(record: dict) -> str:
         _common.markdown_table(
             [
                 "backend",
+                "graph",
                 "batch",
                 "loop/ensemble (predict)",
                 "loop/ensemble (compiled)",
@@ -501,6 +546,8 @@ def _report(record: dict) -> str:
                     f"{M} x one member",
                     "ensemble (build + run)",
                     f"ensemble / ({M} x member)",
+                    "fused (build + run)",
+                    f"fused / ({M} x member)",
                     "peers' loop",
                 ],
                 memory_rows,

@@ -25,6 +25,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_snapshot import fusion
 from keras_snapshot import manifest as manifest_lib
 
 __all__ = ["build_ensemble", "fit_ensemble_weights"]
@@ -331,6 +332,11 @@ def _member_graph(members: list[_Member], output_activation):
     return inputs, keys, output_struct, taps
 
 
+def _tap_activation(tap) -> str | None:
+    activation = tap._keras_history.operation.get_config()["activation"]
+    return None if activation == "linear" else activation
+
+
 def _combine(inputs, keys, output_struct, taps, weights, name: str) -> keras.Model:
     combined = {}
     for key in keys:
@@ -366,8 +372,9 @@ def _member_output_tensors(model: keras.Model) -> dict[str, dict[str, object]]:
         result = {}
     if not result:
         raise ValueError(
-            f"Model {model.name!r} is not an ensemble made by keras_snapshot.build_ensemble (no "
-            f"'{MEMBER_PREFIX}XX_<output>' layers found), so its members' outputs cannot be exposed."
+            f"Model {model.name!r} is not an ensemble made by keras_snapshot.build_ensemble with "
+            f"fuse=False (no '{MEMBER_PREFIX}XX_<output>' layers found), so its members' outputs cannot "
+            "be exposed. A fused ensemble holds its members stacked: rebuild with fuse=False."
         )
     return result
 
@@ -605,6 +612,7 @@ def build_ensemble(
     name: str = "snapshot_ensemble",
     safe_mode: bool = True,
     validation_data: tuple | None = None,
+    fuse: bool = False,
 ) -> keras.Model:
     """One functional Keras model whose outputs are the (weighted) mean of the snapshots' outputs.
 
@@ -632,6 +640,15 @@ def build_ensemble(
             Python code. Pass False only for files you trust.
         validation_data: (x_val, y_val), used only with `weights="fit"`: held-out validation data,
             never the test set.
+        fuse: stack the members' weights into one set of wider layers (one convolution with
+            M x F filters, one `EinsumDense` holding the M dense kernels, ...) instead of M
+            branches. The graph then has about as many ops as one member: for small batches (online
+            serving) it is the fast form (see benchmarks/results/inference.md); for large batches
+            the branches are as fast or faster. Needs members of one architecture (snapshots of one
+            run are) built from the layers listed in `keras_snapshot.fusion.SUPPORTED`; anything
+            else raises ValueError naming the layers. The outputs are the same to float rounding.
+            Per-member outputs (`export_saved_model(..., member_outputs=True)`) need fuse=False.
+            On TensorFlow, Keras runs the grouped convolutions of a fused CNN through XLA.
 
     Returns:
         The ensemble, a functional `keras.Model` (not compiled).
@@ -639,7 +656,8 @@ def build_ensemble(
     Raises:
         FileNotFoundError: the directory or a snapshot file is missing (named in the message).
         ValueError: no snapshots, `last` out of range, a corrupt file or one refused by safe mode,
-            members that disagree on their inputs or outputs, bad weights.
+            members that disagree on their inputs or outputs, bad weights, members that cannot
+            be fused (with fuse=True).
 
     Example:
 
@@ -671,13 +689,29 @@ def build_ensemble(
     count = len(_sources(snapshots, last))
     if weights is not None and not fit:
         weights = _check_weights(weights, count)
+    if not isinstance(fuse, bool):
+        raise TypeError(f"`fuse` must be True or False, got {fuse!r}.")
     members = _load_members(snapshots, last, safe_mode)
     inputs, keys, output_struct, taps = _member_graph(members, output_activation)
     if fit:
         weights = _fitted_weights(
             members, inputs, keys, output_struct, taps, validation_data, None, None, max_iter=1000
         )
-    return _combine(inputs, keys, output_struct, taps, weights, name)
+    if not fuse:
+        return _combine(inputs, keys, output_struct, taps, weights, name)
+    if weights is None:
+        weights = np.full(len(members), 1.0 / len(members))
+    kept = [i for i, weight in enumerate(weights) if weight > 0]
+    return fusion.fuse_members(
+        [members[i].model for i in kept],
+        [members[i].label for i in kept],
+        inputs,
+        _output_items(members[0].model, members[0].label),
+        output_struct,
+        [float(weights[i]) for i in kept],
+        {key: _tap_activation(taps[members[0].name][key]) for key in keys},
+        name,
+    )
 
 
 def fit_ensemble_weights(

@@ -7,6 +7,7 @@ import numbers
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import keras
@@ -102,6 +103,15 @@ def _serving_model(model: keras.Model, member_outputs: bool):
     return view, signature
 
 
+def _grouped_convolutions(model: keras.Model) -> list[str]:
+    return [
+        layer.name
+        for layer in model._flatten_layers()
+        if isinstance(layer, keras.layers.Conv1D | keras.layers.Conv2D | keras.layers.Conv3D)
+        and getattr(layer, "groups", 1) > 1
+    ]
+
+
 def _next_version(export_dir: Path) -> int:
     versions = [int(p.name) for p in export_dir.iterdir() if p.name.isdigit() and p.is_dir()]
     return max(versions, default=0) + 1
@@ -184,6 +194,19 @@ def export_saved_model(
     problem = _backend_problem(format)
     if problem:
         raise RuntimeError(problem)
+    if (
+        format == "tf_saved_model"
+        and keras.backend.backend() == "tensorflow"
+        and _grouped_convolutions(model)
+    ):
+        warnings.warn(
+            f"{model.name!r} has grouped convolutions ({', '.join(_grouped_convolutions(model))}), which "
+            "Keras runs through XLA on TensorFlow, so the SavedModel needs XLA where it is served: "
+            "TensorFlow Serving on CPU compiles XLA only with --xla_cpu_compilation_enabled=true. "
+            "For a server without XLA, export an ensemble built with fuse=False.",
+            UserWarning,
+            stacklevel=2,
+        )
 
     export_dir.mkdir(parents=True, exist_ok=True)
     version = _next_version(export_dir) if version is None else int(version)

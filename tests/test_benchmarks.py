@@ -100,15 +100,23 @@ def test_inference_quick(tmp_path):
     stdout = run_quick("inference.py", tmp_path)
     found = tables(stdout)
     latency = table_with(
-        found, "batch", "ensemble predict", "loop predict", "ensemble compiled", "member compiled"
+        found,
+        "batch",
+        "ensemble predict",
+        "fused predict",
+        "loop predict",
+        "fused compiled",
+        "member compiled",
     )
     assert [row[1] for row in latency[1:]] == ["1", "32", "1024"]
     ratios = table_with(
-        found, "loop/ensemble (predict)", "ensemble/member (compiled)", "serving_default/compiled"
+        found, "graph", "loop/ensemble (predict)", "ensemble/member (compiled)", "serving_default/compiled"
     )
-    assert len(ratios) == 4
+    assert [row[1:3] for row in ratios[1:]] == [
+        [graph, batch] for batch in ("1", "32", "1024") for graph in ("branches", "fused")
+    ]
     targets = table_with(found, "target", "value", "verdict")
-    assert len(targets) == 6
+    assert len(targets) == 1 + 2 * 4 + 1  # 4 latency targets per graph, then the builder
     for row in targets[1:]:
         assert VERDICT.match(row[-1]), row
     builder = table_with(found, "build (s)", "max loads per file")
