@@ -1,7 +1,7 @@
 """The `keras-snapshot` command line: info, build, export and evaluate a snapshot directory.
 
     keras-snapshot info DIR
-    keras-snapshot build DIR -o ensemble.keras [--last M] [--output-activation softmax]
+    keras-snapshot build DIR -o ensemble.keras [--last M] [--output-activation softmax] [--fuse]
     keras-snapshot export ensemble.keras SERVING_DIR [--version N] [--member-outputs]
     keras-snapshot evaluate DIR --data test.npz [--x x] [--y y]
 
@@ -101,9 +101,7 @@ def _info(args) -> int:
 
 
 def _build(args) -> int:
-    import keras
-
-    from keras_snapshot.ensemble import build_ensemble
+    from keras_snapshot.ensemble import _sources, build_ensemble
     from keras_snapshot.manifest import atomic_write
 
     output = Path(args.output)
@@ -112,11 +110,16 @@ def _build(args) -> int:
     if output.parent and not output.parent.is_dir():
         raise UserError(f"The output's directory {str(output.parent)!r} does not exist.")
     ensemble = build_ensemble(
-        args.directory, last=args.last, output_activation=args.output_activation, safe_mode=not args.unsafe
+        args.directory,
+        last=args.last,
+        output_activation=args.output_activation,
+        safe_mode=not args.unsafe,
+        fuse=args.fuse,
     )
     atomic_write(output, ensemble.save, suffix=".keras")
-    members = [layer.name for layer in ensemble.layers if isinstance(layer, keras.Model)]
-    print(f"Wrote {output}: the mean of {len(members)} snapshot(s) ({', '.join(members)}).")
+    members = [name for name, _, _ in _sources(args.directory, args.last)]
+    form = ", fused" if args.fuse else ""
+    print(f"Wrote {output}: the mean of {len(members)} snapshot(s) ({', '.join(members)}{form}).")
     return 0
 
 
@@ -312,6 +315,11 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--last", type=_positive_int, metavar="M", help="use only the last M snapshots")
     build.add_argument("--output-activation", **activation)
     build.add_argument("--unsafe", **unsafe)
+    build.add_argument(
+        "--fuse",
+        action="store_true",
+        help="stack the members into one set of wider layers: faster for small batches (see README)",
+    )
 
     export = commands.add_parser("export", help="export a .keras model as a versioned TF Serving directory")
     export.add_argument("model", metavar="MODEL.keras")

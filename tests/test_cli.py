@@ -158,6 +158,19 @@ def test_info_marks_missing_files(capsys, snapshot_dir):
     assert status == 0 and "snapshot-01.keras (missing)" in out
 
 
+def test_build_fused(capsys, digits_run, digits, tmp_path):
+    directory, _ = digits_run
+    x = digits[2][:32]
+    status, out, err = run_main(capsys, "build", directory, "-o", tmp_path / "fused.keras", "--fuse")
+    assert status == 0, err
+    assert "snapshot_01, snapshot_02, snapshot_03, fused" in out
+    fused = keras.saving.load_model(tmp_path / "fused.keras")
+    assert not [layer for layer in fused.layers if isinstance(layer, keras.Model)]  # stacked, no branches
+    members = [keras.saving.load_model(path, compile=False) for path in sorted(directory.glob("*.keras"))]
+    expected = np.mean([call(member, x) for member in members], axis=0)
+    np.testing.assert_allclose(call(fused, x), expected, atol=TOLERANCE)
+
+
 def test_build_errors(capsys, snapshot_dir, tmp_path):
     status, _, err = run_main(capsys, "build", snapshot_dir, "-o", tmp_path / "e.keras", "--last", "9")
     assert status == 1 and "out of range" in err and "1 <= last <= 3" in err
