@@ -187,3 +187,29 @@ def write_results(stem: str, out_dir: Path, record: dict, markdown: str) -> tupl
 
 def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("PASS" if ok else "FAIL")
+
+
+def report_header(title: str, record: dict, quick: bool, threads: int) -> str:
+    """The lines every benchmark report starts with: title, command, date, machine, load, threads."""
+    title += " (--quick smoke run: not a measurement)" if quick else ""
+    thread_text = f"{threads}" if threads else "backend default"
+    if threads:
+        thread_text += " (" + " ".join(f"{k}={v!r}" for k, v in record["thread_env"].items()) + ")"
+    return (
+        f"{title}\n\nCommand: `{record['command']}` ({record['seconds']:.0f} s)\n\nDate: {record['date']}\n\n"
+        f"{machine_markdown(record['machine'])}\n- load average at end: {record['loadavg_at_end']}\n"
+        f"- compute threads per backend process: {thread_text}\n"
+    )
+
+
+def publish(markdown: str, record: dict, args, prefix: str, backends: list[str]) -> None:
+    """Prints the report and, unless --out '', writes it with the record under results/."""
+    print(markdown)
+    if args.out:
+        stem = args.name or (
+            prefix
+            + ("" if backends == list(BACKENDS) else "-" + "-".join(backends))
+            + ("-quick" if args.quick else "")
+        )
+        md_path, json_path = write_results(stem, Path(args.out), record, markdown)
+        print(f"wrote {md_path} and {json_path}")

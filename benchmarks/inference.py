@@ -620,28 +620,12 @@ def main(argv=None) -> int:
         for name, _, ok in _targets(b, res)
         if ok is False
     ]
-    title = "# Ensemble inference and builder" + (
-        " (--quick smoke run: not a measurement)" if args.quick else ""
-    )
-    threads = f"{args.threads}" if args.threads else "backend default"
-    if args.threads:
-        threads += " (" + " ".join(f"{k}={v!r}" for k, v in record["thread_env"].items()) + ")"
     markdown = (
-        f"{title}\n\nCommand: `{record['command']}` ({record['seconds']:.0f} s)\n\nDate: {record['date']}\n\n"
-        f"{_common.machine_markdown(record['machine'])}\n- load average at end: {record['loadavg_at_end']}\n"
-        f"- compute threads per backend process: {threads}\n- members: M={M} snapshots of a {MODEL_DESCRIPTION}, "
-        "written by a real SnapshotCallback run; random inputs\n\n"
-        f"{_report(record)}\n"
+        _common.report_header("# Ensemble inference and builder", record, args.quick, args.threads)
+        + f"- members: M={M} snapshots of a {MODEL_DESCRIPTION}, written by a real SnapshotCallback run; "
+        f"random inputs\n\n{_report(record)}\n"
     )
-    print(markdown)
-    if args.out:
-        stem = args.name or (
-            "inference"
-            + ("" if backends == list(_common.BACKENDS) else "-" + "-".join(backends))
-            + ("-quick" if args.quick else "")
-        )
-        md_path, json_path = _common.write_results(stem, Path(args.out), record, markdown)
-        print(f"wrote {md_path} and {json_path}")
+    _common.publish(markdown, record, args, "inference", backends)
     return 0
 
 

@@ -627,15 +627,9 @@ def main(argv=None) -> int:
         for name, _, ok in _targets(b, k, r["speed_vs_a"])
         if not ok
     ]
-    title = "# Training overhead" + (" (--quick smoke run: not a measurement)" if args.quick else "")
-    threads = f"{args.threads}" if args.threads else "backend default"
-    if args.threads:
-        threads += " (" + " ".join(f"{k}={v!r}" for k, v in record["thread_env"].items()) + ")"
     models = "\n".join(f"- {k}: {MODEL_DESCRIPTIONS[k]}" for k in args.models)
     markdown = (
-        f"{title}\n\nCommand: `{record['command']}` ({record['seconds']:.0f} s)\n\nDate: {record['date']}\n\n"
-        f"{_common.machine_markdown(record['machine'])}\n- load average at end: {record['loadavg_at_end']}\n"
-        f"- compute threads per backend process: {threads}\n{models}\n"
+        _common.report_header("# Training overhead", record, args.quick, args.threads) + f"{models}\n"
         f"- batch {BATCH}, SGD + Nesterov 0.9, synthetic float32 data, shuffle off, no metrics (the smallest "
         "step: the worst case for overhead); windows: "
         + ", ".join(
@@ -660,15 +654,7 @@ def main(argv=None) -> int:
         markdown += (
             f"\nThe candidate (b*, c*), as a diff against keras_snapshot/callback.py:\n\n```diff\n{diff}```\n"
         )
-    print(markdown)
-    if args.out:
-        stem = args.name or (
-            "overhead"
-            + ("" if backends == list(_common.BACKENDS) else "-" + "-".join(backends))
-            + ("-quick" if args.quick else "")
-        )
-        md_path, json_path = _common.write_results(stem, Path(args.out), record, markdown)
-        print(f"wrote {md_path} and {json_path}")
+    _common.publish(markdown, record, args, "overhead", backends)
     return 0
 
 

@@ -351,6 +351,11 @@ def _combine(inputs, keys, output_struct, taps, weights, name: str) -> keras.Mod
                 if weight > 0
             ]
             combined[key] = keras.layers.Add(name=key)(scaled)
+    return _model(inputs, keys, output_struct, combined, name)
+
+
+def _model(inputs, keys, output_struct, combined: dict, name: str) -> keras.Model:
+    """The ensemble model, its outputs in the members' structure (a tensor, a list or a dict)."""
     if isinstance(output_struct, dict):
         outputs = combined
     elif isinstance(output_struct, (list, tuple)):
@@ -702,16 +707,15 @@ def build_ensemble(
     if weights is None:
         weights = np.full(len(members), 1.0 / len(members))
     kept = [i for i, weight in enumerate(weights) if weight > 0]
-    return fusion.fuse_members(
+    combined = fusion.fuse_members(
         [members[i].model for i in kept],
         [members[i].label for i in kept],
         inputs,
-        _output_items(members[0].model, members[0].label),
-        output_struct,
+        keys,
         [float(weights[i]) for i in kept],
         {key: _tap_activation(taps[members[0].name][key]) for key in keys},
-        name,
     )
+    return _model(inputs, keys, output_struct, combined, name)
 
 
 def fit_ensemble_weights(

@@ -537,14 +537,13 @@ class _Fuser:
         return _T(x, STACKED)
 
 
-def fuse_members(models, labels, inputs, output_items, output_struct, weights, activations, name):
-    """One functional model computing the weighted mean of `models`' outputs with stacked layers.
+def fuse_members(models, labels, inputs, keys, weights, activations) -> dict:
+    """{output key: the weighted mean of `models`' outputs}, computed with stacked layers.
 
-    `inputs` are the ensemble's fresh `keras.Input`s (the members' structure), `output_items`
-    the members' [(key, tensor)], `weights` one normalised weight per member, `activations`
+    `inputs` are the ensemble's fresh `keras.Input`s (the members' structure), `keys` the
+    members' output keys, `weights` one normalised weight per member, `activations`
     {key: activation name or None} applied to each member output before averaging.
     """
-    keys = [key for key, _ in output_items]
     # The combined outputs carry the members' output names, so no other layer may take them.
     fuser = _Fuser(models, labels, taken=[x.name for x in keras.tree.flatten(inputs)] + keys)
     flat_inputs = [_T(x, SHARED) for x in keras.tree.flatten(inputs)]
@@ -578,10 +577,4 @@ def fuse_members(models, labels, inputs, output_items, output_struct, weights, a
         x = mean(t.tensor)
         mean.set_weights([np.asarray(weights, dtype=mean.kernel.dtype)])
         combined[key] = x
-    if isinstance(output_struct, dict):
-        result = combined
-    elif isinstance(output_struct, (list, tuple)):
-        result = [combined[key] for key in keys]
-    else:
-        result = combined[keys[0]]
-    return keras.Model(inputs, result, name=name)
+    return combined

@@ -8,16 +8,12 @@ import sys
 import keras
 import numpy as np
 import pytest
-from test_export import refuses_torch, run_tf_serving_loader
+from test_export import call, refuses_torch, run_tf_serving_loader
 
 from keras_snapshot import build_ensemble, export_saved_model
 
 L = keras.layers
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
-
-
-def call(model, x):
-    return keras.tree.map_structure(keras.ops.convert_to_numpy, model(x, training=False))
 
 
 def randomise_batch_norm(model, seed):
@@ -161,6 +157,12 @@ def test_weights_last_and_output_activation(snapshot_dir, digits):
     fused = build_ensemble(three, weights=[0.5, 0, 0.5], fuse=True)
     np.testing.assert_allclose(call(fused, x), weighted_mean([three[0], three[2]], x), **TOLERANCE)
     assert [layer.units for layer in fused.layers if isinstance(layer, L.Dense)] == [64]
+
+    # Weights fitted on validation data: the same weights, the same outputs as the branch graph.
+    x_val, y_val = digits[2][:100], digits[3][:100]
+    fitted = build_ensemble(snapshot_dir, weights="fit", validation_data=(x_val, y_val), fuse=True)
+    branches = build_ensemble(snapshot_dir, weights="fit", validation_data=(x_val, y_val))
+    np.testing.assert_allclose(call(fitted, x), call(branches, x), **TOLERANCE)
 
     # Logits: softmax per member, then the mean.
     logits = [sequence_model(seed) for seed in range(2)]
