@@ -213,3 +213,23 @@ def publish(markdown: str, record: dict, args, prefix: str, backends: list[str])
         )
         md_path, json_path = write_results(stem, Path(args.out), record, markdown)
         print(f"wrote {md_path} and {json_path}")
+
+
+def start_record(parser, args, benchmark: str, **fields) -> tuple[list[str], dict]:
+    """The backends asked for (checked) and the record every benchmark starts from."""
+    backends = [b for b in args.backends.split(",") if b]
+    for backend in backends:
+        if backend not in BACKENDS:
+            parser.error(f"unknown backend {backend!r}")
+    record = {
+        "benchmark": benchmark,
+        "command": command_line(),
+        "date": now(),
+        "machine": machine(),
+        "mode": "quick" if args.quick else "full",
+        **fields,
+        "threads": args.threads,
+        "thread_env": thread_env(args.threads),
+        "backends": {},
+    }
+    return backends, record

@@ -590,21 +590,7 @@ def main(argv=None) -> int:
         Path(args.result_json).write_text(json.dumps(result))
         return 0
 
-    backends = [b for b in args.backends.split(",") if b]
-    for backend in backends:
-        if backend not in _common.BACKENDS:
-            parser.error(f"unknown backend {backend!r}")
-    record = {
-        "benchmark": "inference",
-        "command": _common.command_line(),
-        "date": _common.now(),
-        "machine": _common.machine(),
-        "mode": "quick" if args.quick else "full",
-        "members": M,
-        "threads": args.threads,
-        "thread_env": _common.thread_env(args.threads),
-        "backends": {},
-    }
+    backends, record = _common.start_record(parser, args, "inference", members=M)
     forwarded = ["--rounds", str(args.rounds), "--threads", str(args.threads)]
     forwarded += (["--quick"] if args.quick else []) + (["--no-memory"] if args.no_memory else [])
     started = time.perf_counter()

@@ -593,22 +593,9 @@ def main(argv=None) -> int:
         Path(args.result_json).write_text(json.dumps(result))
         return 0
 
-    backends = [b for b in args.backends.split(",") if b]
-    for backend in backends:
-        if backend not in _common.BACKENDS:
-            parser.error(f"unknown backend {backend!r}")
-    record = {
-        "benchmark": "overhead",
-        "command": _common.command_line(),
-        "date": _common.now(),
-        "machine": _common.machine(),
-        "mode": "quick" if args.quick else "full",
-        "variants": args.variants,
-        "threads": args.threads,
-        "thread_env": _common.thread_env(args.threads),
-        "cycle_steps": args.cycle_steps,
-        "backends": {},
-    }
+    backends, record = _common.start_record(
+        parser, args, "overhead", variants=args.variants, cycle_steps=args.cycle_steps
+    )
     forwarded = ["--models", ",".join(args.models), "--variants", ",".join(args.variants)]
     forwarded += ["--rounds", str(args.rounds), "--window", str(args.window)]
     forwarded += ["--quick"] if args.quick else []
