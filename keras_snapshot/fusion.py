@@ -12,9 +12,7 @@ Tensors of the fused graph come in three layouts (B = batch, M = members, C = ch
 - shared: the same for every member (the inputs, and what frozen, identical layers make of them);
 - stacked: channels last, member m's channels at [m*C, (m+1)*C), e.g. (B, H, W, M*C);
 - member: a member axis after the batch axis, (B, M, ...): where per-member dense layers,
-  flattening and last-axis activations such as softmax are exact;
-- flat: a flattened stacked tensor as (B, P, M, C), P the flattened positions: a dense layer reads
-  it directly (its kernels reshaped to match), so Flatten -> Dense needs no transpose.
+  flattening and last-axis activations such as softmax are exact.
 
 Layers with identical weights in every member (frozen preprocessing, a frozen backbone) that only
 see shared tensors run once, unstacked.
@@ -113,7 +111,7 @@ SUPPORTED = (
     "LeakyReLU, ELU, Rescaling, dropout and noise layers, nested functional/Sequential models, and "
     "any layer whose weights are identical in every member and whose inputs are the model's inputs"
 )
-SHARED, STACKED, MEMBER, FLAT, BROKEN = "shared", "stacked", "member", "flat", "broken"
+SHARED, STACKED, MEMBER, BROKEN = "shared", "stacked", "member", "broken"
 
 
 class FusionError(ValueError):
@@ -229,9 +227,6 @@ class _Fuser:
         if t.layout == MEMBER:
             return t
         x = t.tensor
-        if t.layout == FLAT:
-            x = keras.layers.Permute((2, 1, 3), name=self.name("fused_members_first"))(x)
-            return _T(keras.layers.Reshape((self.count, -1), name=self.name("fused_flatten"))(x), MEMBER)
         shape = tuple(x.shape[1:])
         if t.layout == SHARED:
             x = keras.layers.Reshape((1, *shape), name=self.name("fused_expand"))(x)
@@ -255,8 +250,6 @@ class _Fuser:
     def to_stacked(self, t: _T) -> _T:
         if t.layout == STACKED:
             return t
-        if t.layout == FLAT:
-            t = self.to_member(t)
         x = t.tensor
         if t.layout == SHARED:
             if self.count > 1:
@@ -392,10 +385,6 @@ class _Fuser:
         )
 
     def flatten(self, op, t):
-        if t.layout == STACKED and all(d is not None for d in t.tensor.shape[1:]):
-            *spatial, channels = t.tensor.shape[1:]
-            target = (int(np.prod(spatial)), self.count, channels // self.count)
-            return _T(keras.layers.Reshape(target, name=self.name(op.name))(t.tensor), FLAT)
         t = self.to_member(t)
         return _T(keras.layers.Reshape((self.count, -1), name=self.name(op.name))(t.tensor), MEMBER)
 
@@ -410,7 +399,7 @@ class _Fuser:
         return _T(keras.layers.Permute(dims, name=self.name(op.name))(t.tensor), MEMBER)
 
     def _common(self, tensors: list[_T]) -> list[_T]:
-        if any(t.layout in (MEMBER, FLAT) for t in tensors) or any(len(t.tensor.shape) < 2 for t in tensors):
+        if any(t.layout == MEMBER for t in tensors) or any(len(t.tensor.shape) < 2 for t in tensors):
             return [self.to_member(t) for t in tensors]
         return [self.to_stacked(t) for t in tensors]
 
@@ -452,22 +441,6 @@ class _Fuser:
             layer.set_weights([np.concatenate(ws, axis=-1) for ws in zip(*weights, strict=True)])
             out = _T(x, STACKED)
             return out if elementwise else self.activate(out, activation, op.name)
-        if t.layout == FLAT:  # Flatten -> Dense: each kernel's rows regrouped as (position, channel)
-            positions, _, channels = t.tensor.shape[1:]
-            layer = keras.layers.EinsumDense(
-                "apmi,pmio->amo",
-                output_shape=(self.count, config["units"]),
-                bias_axes="mo" if config["use_bias"] else None,
-                activation=activation,
-                dtype=config.get("dtype"),
-                name=self.name(op.name),
-            )
-            x = layer(t.tensor)
-            arrays = [np.stack([w[0].reshape(positions, channels, -1) for w in weights], axis=1)]
-            if config["use_bias"]:
-                arrays.append(np.stack([w[1] for w in weights]))
-            _assign(layer, arrays)
-            return _T(x, MEMBER)
         t = self.to_member(t)
         inner = tuple(t.tensor.shape[2:-1])
         extra = "bcdefghjkl"[: len(inner)]

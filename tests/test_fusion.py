@@ -89,6 +89,13 @@ def frozen_backbone(seed):
     return keras.Model(features, {"label": head, "embedding": hidden}, name="frozen")
 
 
+def sequential_mlp(seed):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input((6,), name="features"), L.Dense(8, activation="relu"), L.Dense(3, activation="softmax")]
+    )
+
+
 def inputs_for(model, rows=7, seed=3):
     rng = np.random.default_rng(seed)
     spec = model.inputs[0]
@@ -121,7 +128,9 @@ def no_member_copies(fused, member):
 
 
 # --------------------------------------------------------------------------- equal to the mean
-@pytest.mark.parametrize("maker", [image_cnn, sequence_model, nested_model], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "maker", [image_cnn, sequence_model, nested_model, sequential_mlp], ids=lambda f: f.__name__
+)
 def test_fused_equals_the_mean_of_the_members(maker):
     members = [maker(seed) for seed in range(3)]
     x = inputs_for(members[0])
