@@ -118,6 +118,17 @@ class FusionError(ValueError):
     """The members cannot be fused; the message says which layer and why."""
 
 
+def _static(tensor) -> tuple[int, ...]:
+    """The shape less the batch axis; moving the member axis needs it known before run time."""
+    shape = tuple(tensor.shape[1:])
+    if any(d is None for d in shape):
+        raise FusionError(
+            f"a tensor of shape {(None, *shape)} has dimensions unknown until run time, and moving the "
+            "member axis needs them static"
+        )
+    return shape
+
+
 def _assign(layer, arrays) -> None:
     """set_weights, reshaped to each variable (EinsumDense keeps broadcast 1s in its bias)."""
     layer.set_weights([np.reshape(a, v.shape) for a, v in zip(arrays, layer.weights, strict=True)])
@@ -227,18 +238,13 @@ class _Fuser:
         if t.layout == MEMBER:
             return t
         x = t.tensor
-        shape = tuple(x.shape[1:])
+        shape = _static(x)
         if t.layout == SHARED:
             x = keras.layers.Reshape((1, *shape), name=self.name("fused_expand"))(x)
             if self.count > 1:
                 x = keras.layers.Concatenate(axis=1, name=self.name("fused_repeat"))([x] * self.count)
             return _T(x, MEMBER)
         *spatial, channels = shape
-        if any(d is None for d in spatial):
-            raise FusionError(
-                f"a tensor of shape {(None, *shape)} has dimensions unknown until run time: fusion "
-                "needs them static to move the member axis. Use fuse=False."
-            )
         channels //= self.count
         x = keras.layers.Reshape((*spatial, self.count, channels), name=self.name("fused_split"))(x)
         rank = len(spatial)
@@ -255,7 +261,7 @@ class _Fuser:
             if self.count > 1:
                 x = keras.layers.Concatenate(axis=-1, name=self.name("fused_tile"))([x] * self.count)
             return _T(x, STACKED)
-        _, *spatial, channels = tuple(x.shape[1:])
+        _, *spatial, channels = _static(x)
         rank = len(spatial)
         if rank:
             order = (*range(2, rank + 2), 1, rank + 2)

@@ -252,6 +252,17 @@ def test_unsupported_layers_are_named():
     build_ensemble([with_layer_norm(0), with_layer_norm(1)])
 
 
+def test_unknown_sizes_are_refused_where_members_must_be_split():
+    def variable_length(seed):
+        keras.utils.set_random_seed(seed)
+        tokens = keras.Input((None, 4), name="tokens")
+        x = L.Conv1D(3, 2, name="conv")(tokens)
+        return keras.Model(tokens, L.Softmax(name="per_step")(x))  # softmax per member needs the split
+
+    with pytest.raises(ValueError, match=r"'per_step' \(Softmax\).*unknown until run time"):
+        build_ensemble([variable_length(0), variable_length(1)], fuse=True)
+
+
 def test_members_of_different_architectures_are_refused():
     def mlp(units, seed):
         keras.utils.set_random_seed(seed)
