@@ -649,7 +649,7 @@ def build_ensemble(
             M x F filters, one `EinsumDense` holding the M dense kernels, ...) instead of M
             branches. The graph then has about as many ops as one member: for small batches (online
             serving) it is the fast form (see benchmarks/results/inference.md); for large batches
-            the branches are as fast or faster. Needs members of one architecture (snapshots of one
+            on JAX and torch the branches are faster. Needs members of one architecture (snapshots of one
             run are) built from the layers listed in `keras_snapshot.fusion.SUPPORTED`; anything
             else raises ValueError naming the layers. The outputs are the same to float rounding.
             Per-member outputs (`export_saved_model(..., member_outputs=True)`) need fuse=False.
