@@ -299,15 +299,10 @@ def _last_layer(model: keras.Model, key: str):
 
 
 # ---------------------------------------------------------------------------------------- the graph
-def _member_graph(members: list[_Member], output_activation):
-    """Fresh inputs, every member called on them, and each member output's tap (activation) tensor.
-
-    Returns (inputs structure, output keys, output structure kind, {member name: {key: tap}}).
-    """
+def _frame(members: list[_Member], output_activation):
+    """What every form of the ensemble shares: fresh inputs (the members' names, shapes and dtypes),
+    the output keys, the output structure and the activation applied to each member output."""
     _check_agreement(members)
-    for member in members:
-        # A member keeps the name it was saved with; identical names would clash in one graph.
-        member.model.name = member.name
     reference = members[0].model
     input_struct, output_struct = _structures(reference, members[0].label)
     inputs = keras.tree.map_structure(
@@ -320,21 +315,31 @@ def _member_graph(members: list[_Member], output_activation):
         input_struct,
     )
     keys = [key for key, _ in _output_items(reference, members[0].label)]
-    activations = _activations(output_activation, keys, members)
+    return inputs, keys, output_struct, _activations(output_activation, keys, members)
+
+
+def _taps(members: list[_Member], inputs, keys, activations) -> dict[str, dict[str, object]]:
+    """Every member called on `inputs`: {member name: {key: its output after the activation}}."""
     taps = {}
     for member in members:
+        # A member keeps the name it was saved with; identical names would clash in one graph.
+        member.model.name = member.name
         outputs = member.model(inputs)
         items = _flat_items(outputs, keys, "outputs", member.label)
         taps[member.name] = {
             key: keras.layers.Activation(activations[key] or "linear", name=f"{member.name}_{key}")(tensor)
             for key, tensor in items
         }
-    return inputs, keys, output_struct, taps
+    return taps
 
 
-def _tap_activation(tap) -> str | None:
-    activation = tap._keras_history.operation.get_config()["activation"]
-    return None if activation == "linear" else activation
+def _member_graph(members: list[_Member], output_activation):
+    """Fresh inputs, every member called on them, and each member output's tap (activation) tensor.
+
+    Returns (inputs structure, output keys, output structure kind, {member name: {key: tap}}).
+    """
+    inputs, keys, output_struct, activations = _frame(members, output_activation)
+    return inputs, keys, output_struct, _taps(members, inputs, keys, activations)
 
 
 def _combine(inputs, keys, output_struct, taps, weights, name: str) -> keras.Model:
@@ -697,7 +702,9 @@ def build_ensemble(
     if not isinstance(fuse, bool):
         raise TypeError(f"`fuse` must be True or False, got {fuse!r}.")
     members = _load_members(snapshots, last, safe_mode)
-    inputs, keys, output_struct, taps = _member_graph(members, output_activation)
+    inputs, keys, output_struct, activations = _frame(members, output_activation)
+    # The branches are built only where they are used: the branch graph, or the weight fit.
+    taps = _taps(members, inputs, keys, activations) if fit or not fuse else None
     if fit:
         weights = _fitted_weights(
             members, inputs, keys, output_struct, taps, validation_data, None, None, max_iter=1000
@@ -713,7 +720,7 @@ def build_ensemble(
         inputs,
         keys,
         [float(weights[i]) for i in kept],
-        {key: _tap_activation(taps[members[0].name][key]) for key in keys},
+        activations,
     )
     return _model(inputs, keys, output_struct, combined, name)
 

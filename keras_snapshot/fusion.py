@@ -220,6 +220,7 @@ class _Fuser:
         self.peers = _peers(models)
         self.names = set(taken)
         self.problems = []
+        self._weights = {}
 
     # -------------------------------------------------------------------- helpers
     def name(self, base: str) -> str:
@@ -231,8 +232,10 @@ class _Fuser:
         return name
 
     def weights(self, op) -> list[list[np.ndarray]]:
-        """The op's weights in every member: [member][weight]."""
-        return [peer.get_weights() for peer in self.peers[id(op)]]
+        """The op's weights in every member: [member][weight], read once per op."""
+        if id(op) not in self._weights:
+            self._weights[id(op)] = [peer.get_weights() for peer in self.peers[id(op)]]
+        return self._weights[id(op)]
 
     def to_member(self, t: _T) -> _T:
         if t.layout == MEMBER:
