@@ -48,6 +48,43 @@ def git_state() -> dict:
     }
 
 
+def accelerators() -> list[str]:
+    """The GPUs nvidia-smi sees (name, memory, driver), read without importing any backend."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def backend_device() -> str:
+    """The device the running Keras backend computes on (called inside a worker)."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return f"{device.platform}: {device.device_kind}"
+    if backend == "torch":
+        import torch
+        from keras.src.backend.torch.core import get_device
+
+        device = get_device()
+        return f"{device}: {torch.cuda.get_device_name()}" if device.startswith("cuda") else device
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return f"gpu: {gpus[0].name}" if gpus else "cpu"
+
+
 def machine() -> dict:
     """The machine and software the numbers were measured on (read without importing any backend)."""
     from importlib import metadata
@@ -70,6 +107,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "versions": versions,
         "loadavg_at_start": None if load is None else [round(x, 2) for x in load],
+        "accelerators": accelerators(),
         **git_state(),
     }
 
@@ -170,6 +208,7 @@ def machine_markdown(info: dict) -> str:
         f"Python {info['python']}\n"
         f"- load average at start: {info['loadavg_at_start']} (the machine is shared: every number is a ratio "
         "of medians of interleaved repeats run side by side in one process)\n"
+        f"- accelerators: {', '.join(info.get('accelerators') or []) or 'none'}\n"
         f"- versions: {versions}\n"
         f"- code: commit {info.get('commit')}"
         + (" with uncommitted changes in keras_snapshot/" if info.get("package_uncommitted_changes") else "")
@@ -199,6 +238,11 @@ def report_header(title: str, record: dict, quick: bool, threads: int) -> str:
         f"{title}\n\nCommand: `{record['command']}` ({record['seconds']:.0f} s)\n\nDate: {record['date']}\n\n"
         f"{machine_markdown(record['machine'])}\n- load average at end: {record['loadavg_at_end']}\n"
         f"- compute threads per backend process: {thread_text}\n"
+        + "".join(
+            f"- {backend} computed on: {res['device']}\n"
+            for backend, res in record["backends"].items()
+            if res.get("device")
+        )
     )
 
 

@@ -268,11 +268,22 @@ def _worker(args) -> dict:
     rng = np.random.default_rng(2)
     inputs = {bs: rng.random((bs, 28, 28, 1), dtype=np.float32) for bs in BATCH_SIZES}
 
-    # Same numbers from every path (a benchmark of wrong answers is worthless).
+    # Same numbers from every path (a benchmark of wrong answers is worthless). On a GPU, convolutions
+    # and matmuls run in TF32 by default (JAX, torch's cuDNN), so two groupings of the same sums agree
+    # only to ~1e-3 there; the largest difference is recorded either way.
+    device = _common.backend_device()
+    tolerance = dict(rtol=1e-4, atol=1e-6) if device == "cpu" or device.startswith("cpu") else dict(atol=5e-3)
     x = inputs[32]
     reference = np.mean([m.predict_on_batch(x) for m in members], axis=0)
-    np.testing.assert_allclose(ensemble.predict_on_batch(x), reference, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(fused.predict_on_batch(x), reference, rtol=1e-4, atol=1e-6)
+    differences = {}
+
+    def check(what, values):
+        values = np.asarray(values)
+        differences[what] = float(np.max(np.abs(values - reference)))
+        np.testing.assert_allclose(values, reference, **tolerance, err_msg=what)
+
+    check("ensemble", ensemble.predict_on_batch(x))
+    check("fused", fused.predict_on_batch(x))
 
     def load_serving(model, where):
         """The exported SavedModel's serving_default as a numpy function, checked against the mean."""
@@ -291,7 +302,7 @@ def _worker(args) -> dict:
         def serving(x):
             return signature(**{input_key: tf.constant(x)})[output_key].numpy()
 
-        np.testing.assert_allclose(serving(x), reference, rtol=1e-4, atol=1e-6)
+        check(f"{where} serving_default", serving(x))
         return serving
 
     serving, export_note = {}, None
@@ -357,6 +368,8 @@ def _worker(args) -> dict:
     memory = None if args.no_memory else _measure_memory(paths, args.threads)
     return {
         "backend": backend,
+        "device": device,
+        "max_abs_difference_from_mean": differences,
         "keras": keras.__version__,
         "mode": mode,
         "members": M,
@@ -535,6 +548,16 @@ def _report(record: dict) -> str:
             builder_rows,
         ),
     ]
+    agreement = [
+        f"- {backend}: " + ", ".join(f"{what} {diff:.1e}" for what, diff in differences.items())
+        for backend, res in record["backends"].items()
+        if (differences := res.get("max_abs_difference_from_mean"))
+    ]
+    if agreement:
+        lines += [
+            "\nLargest |difference| from the mean of the members' own outputs (batch 32):\n",
+            *agreement,
+        ]
     if memory_rows:
         lines += [
             "\nPeak memory above the post-import size (fresh process each; load or build, then predict_on_batch "

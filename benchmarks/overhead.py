@@ -399,6 +399,7 @@ def _worker(args) -> dict:
 
     results = {
         "backend": backend,
+        "device": _common.backend_device(),
         "keras": keras.__version__,
         "keras_snapshot": keras_snapshot.__version__,
         "mode": mode,
