@@ -42,6 +42,8 @@ def git_state() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
 
+    if os.environ.get("KERAS_SNAPSHOT_COMMIT"):  # a copy without the repository's history
+        return {"commit": os.environ["KERAS_SNAPSHOT_COMMIT"], "package_uncommitted_changes": False}
     return {
         "commit": git("rev-parse", "--short", "HEAD"),
         "package_uncommitted_changes": bool(git("status", "--porcelain", "--", "keras_snapshot")),

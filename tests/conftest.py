@@ -12,6 +12,18 @@ import pytest
 
 import keras_snapshot
 
+# On a GPU, JAX and torch's cuDNN run float32 matmuls and convolutions in TF32 by default (about three
+# decimal digits); the tests compare graphs to 1e-5, so they compute in full float32 there.
+if keras.backend.backend() == "jax":
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+elif keras.backend.backend() == "torch":
+    import torch
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
 DIGITS_CYCLES = 3
 DIGITS_EPOCHS = 6
 DIGITS_BATCH = 64
