@@ -308,7 +308,7 @@ def _worker(args) -> dict:
     serving, export_note = {}, None
     if backend in EXPORT_BACKENDS:
         try:
-            serving = {"ensemble": load_serving(ensemble, "serving"), "fused": load_serving(fused, "fused")}
+            serving = {"ensemble": load_serving(ensemble, "ensemble"), "fused": load_serving(fused, "fused")}
         except Exception as error:  # reported, not hidden
             serving, export_note = {}, f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
     else:
