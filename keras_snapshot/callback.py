@@ -119,7 +119,8 @@ class _JaxRateSetter:
         return (
             keras.backend.backend() == "jax"
             and _jax_process_count() == 1
-            and not keras.config.is_nnx_enabled()  # NNX variables mirror their values elsewhere
+            # NNX variables mirror their values elsewhere (older Keras 3 releases have no NNX switch)
+            and not getattr(keras.config, "is_nnx_enabled", lambda: False)()
             and isinstance(model.optimizer.learning_rate, keras.Variable)
         )
 

@@ -67,24 +67,30 @@ def expected_rates(alpha0, total, cycles, first=1):
     )
 
 
-def test_callback_path_applies_the_formula_at_every_step(tmp_path):
-    steps, epochs, cycles = 10, 3, 4  # T = 30, ceil(30/4) = 8: cycles of 8, 8, 8 and 6 steps
-    x, y = one_hot_data(steps)
-    model = one_weight_per_step_model(steps, 0.5)  # the compiled rate must be overridden
+def fit_callback_path(directory, model=None):
+    """The callback path on T = 30 steps (10 per epoch), M = 4: cycles of 8, 8, 8 and 6 steps.
+    Returns (model, recorder, history)."""
+    model = model or one_weight_per_step_model(10, 0.5)  # the compiled rate must be overridden
+    x, y = one_hot_data(10)
     recorder = EpochWeights()
     history = model.fit(
         x,
         y,
         batch_size=1,
-        epochs=epochs,
+        epochs=3,
         shuffle=False,
         verbose=0,
-        callbacks=[SnapshotCallback(tmp_path / "s", cycles=cycles, initial_learning_rate=0.2), recorder],
+        callbacks=[SnapshotCallback(directory, cycles=4, initial_learning_rate=0.2), recorder],
     )
-    np.testing.assert_allclose(applied_rates(recorder), expected_rates(0.2, 30, cycles), rtol=0, atol=1e-6)
+    return model, recorder, history
+
+
+def test_callback_path_applies_the_formula_at_every_step(tmp_path):
+    _, recorder, history = fit_callback_path(tmp_path / "s")
+    np.testing.assert_allclose(applied_rates(recorder), expected_rates(0.2, 30, 4), rtol=0, atol=1e-6)
     # The rate of each epoch's last step is in the logs, for History and TensorBoard.
     np.testing.assert_allclose(
-        history.history["learning_rate"], expected_rates(0.2, 30, cycles)[[9, 19, 29]], rtol=1e-6
+        history.history["learning_rate"], expected_rates(0.2, 30, 4)[[9, 19, 29]], rtol=1e-6
     )
     manifest = keras_snapshot.read_manifest(tmp_path / "s")
     assert [entry["step"] for entry in manifest["snapshots"]] == [8, 16, 24, 30]
@@ -94,9 +100,7 @@ def test_callback_path_applies_the_formula_at_every_step(tmp_path):
 def test_callback_path_does_not_sync_the_jax_state_every_batch(tmp_path, monkeypatch):
     # Reading `callback.model` on JAX copies every weight and optimizer slot back into the Variables;
     # per batch that cost 27% of a small CNN's step on an H100. The rate must still apply at every step.
-    steps, epochs, cycles = 10, 3, 4
-    x, y = one_hot_data(steps)
-    model = one_weight_per_step_model(steps, 0.5)
+    model = one_weight_per_step_model(10, 0.5)
     syncs = []
     real_sync = type(model).jax_state_sync
 
@@ -106,20 +110,11 @@ def test_callback_path_does_not_sync_the_jax_state_every_batch(tmp_path, monkeyp
         real_sync(self)
 
     monkeypatch.setattr(type(model), "jax_state_sync", counting_sync)
-    recorder = EpochWeights()
-    model.fit(
-        x,
-        y,
-        batch_size=1,
-        epochs=epochs,
-        shuffle=False,
-        verbose=0,
-        callbacks=[SnapshotCallback(tmp_path / "s", cycles=cycles, initial_learning_rate=0.2), recorder],
-    )
-    np.testing.assert_allclose(applied_rates(recorder), expected_rates(0.2, 30, cycles), rtol=0, atol=1e-6)
-    # Keras itself syncs about once per epoch and per callback that reads the model at epoch end;
-    # the snapshots (4) sync once each. 30 steps must not mean 30 syncs.
-    assert len(syncs) < steps * epochs // 2, len(syncs)
+    _, recorder, _ = fit_callback_path(tmp_path / "s", model)
+    np.testing.assert_allclose(applied_rates(recorder), expected_rates(0.2, 30, 4), rtol=0, atol=1e-6)
+    # Keras syncs about once per epoch and per callback reading the model at epoch end, and each of
+    # the 4 snapshots syncs once: 30 steps must not mean 30 syncs (the full sync per batch gave 30).
+    assert len(syncs) < 15, len(syncs)
 
 
 def test_in_graph_path_is_exact_with_steps_per_execution():
