@@ -93,7 +93,7 @@ class _JaxRateSetter:
     values it drops) and passes it from step to step. Reading `callback.model` syncs it back with
     a Keras-level `assign` of every weight and optimizer slot, and assigning the rate converts a
     Python float to a device array: per batch that cost a third of a small CNN's step on an H100
-    (b/a 0.68-0.73). Instead, the state the trainer last returned (`model._jax_state`) goes back
+    (b/a 0.68-0.75). Instead, the state the trainer last returned (`model._jax_state`) goes back
     into the Variables as it is, with the new rate, and the state is marked synced, so that the
     trainer takes the rate at its next step as after a full sync. The rates themselves are made
     on the device CHUNK steps at a time by one compiled call (a `device_put` per step cost ~50 us
