@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 import os
 import time
@@ -15,8 +14,10 @@ import numpy as np
 from keras_snapshot import manifest as manifest_lib
 from keras_snapshot.schedule import (
     SnapshotSchedule,
-    _check_int,
-    _check_rate,
+    check_int,
+    check_rate,
+    cosine_rate,
+    cycle_length,
     snapshot_steps,
     validate_schedule_args,
 )
@@ -251,9 +252,9 @@ class SnapshotCallback(keras.callbacks.Callback):
                 "writable. Pass a directory you can write to."
             )
         if initial_learning_rate is not None:
-            initial_learning_rate = _check_rate("initial_learning_rate", initial_learning_rate)
+            initial_learning_rate = check_rate("initial_learning_rate", initial_learning_rate)
         if total_steps is None:
-            _check_int("cycles", cycles, 1)
+            check_int("cycles", cycles, 1)
         else:
             validate_schedule_args(1.0, total_steps, cycles)
         if not isinstance(filename, str) or not filename.endswith(".keras"):
@@ -359,7 +360,7 @@ class SnapshotCallback(keras.callbacks.Callback):
                     "and keep this callback, or compile with steps_per_execution=1."
                 )
         self._alpha0, self._total, _ = validate_schedule_args(alpha0, total, self.cycles)
-        self._cycle_length = -(-self._total // self.cycles)  # ceil(T/M) in integers, exact for any T
+        self._cycle_length = cycle_length(self._total, self.cycles)
         self._cycle_ends = snapshot_steps(self._total, self.cycles)
         self._check_execution_boundaries(steps)
 
@@ -528,8 +529,7 @@ class SnapshotCallback(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------ internals
     def _rate(self, t: int) -> float:
-        position = ((t - 1) % self._cycle_length) / self._cycle_length
-        return self._alpha0 / 2.0 * (math.cos(math.pi * position) + 1.0)
+        return cosine_rate((t - 1) % self._cycle_length, self._cycle_length, self._alpha0)
 
     def _is_last_batch_of_epoch(self, batch: int) -> bool:
         steps = (self.params or {}).get("steps")

@@ -18,6 +18,9 @@ import numpy as np
 
 __all__ = [
     "SnapshotSchedule",
+    "check_int",
+    "check_rate",
+    "cosine_rate",
     "cycle_length",
     "snapshot_learning_rate",
     "snapshot_steps",
@@ -25,7 +28,7 @@ __all__ = [
 ]
 
 
-def _check_int(name: str, value, minimum: int) -> int:
+def check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__}).")
     if value < minimum:
@@ -33,7 +36,7 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def _check_rate(name: str, value) -> float:
+def check_rate(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a positive number, got {value!r} ({type(value).__name__}).")
     if not (math.isfinite(value) and value > 0):
@@ -46,6 +49,17 @@ def cycle_length(total_steps: int, cycles: int) -> int:
     return -(-total_steps // cycles)
 
 
+def cosine_rate(remainder, length, initial_learning_rate, cos=math.cos):
+    """The paper's formula, the one place it is written: alpha0/2 * (cos(pi * r / L) + 1).
+
+    `remainder` is mod(t - 1, L) for the 1-based iteration t and the cycle length L = ceil(T/M),
+    computed by the caller in integers (exact for any t). `cos` is `math.cos` for a Python float
+    (the callback), `np.cos` for arrays (`snapshot_learning_rate`) or `keras.ops.cos` for a tensor
+    (`SnapshotSchedule`), so the three paths evaluate the same expression in the same order.
+    """
+    return initial_learning_rate / 2.0 * (cos(math.pi * (remainder / length)) + 1.0)
+
+
 def validate_schedule_args(initial_learning_rate, total_steps, cycles) -> tuple[float, int, int]:
     """Checks the schedule's arguments; returns them as (float, int, int).
 
@@ -53,9 +67,9 @@ def validate_schedule_args(initial_learning_rate, total_steps, cycles) -> tuple[
     length ceil(T/M) leaves the last cycle empty (e.g. T=9, M=4: cycles of 3, 3, 3
     and 0 steps), since such a run would end with fewer than M snapshots.
     """
-    initial_learning_rate = _check_rate("initial_learning_rate", initial_learning_rate)
-    cycles = _check_int("cycles", cycles, 1)
-    total_steps = _check_int("total_steps", total_steps, 1)
+    initial_learning_rate = check_rate("initial_learning_rate", initial_learning_rate)
+    cycles = check_int("cycles", cycles, 1)
+    total_steps = check_int("total_steps", total_steps, 1)
     if cycles > total_steps:
         raise ValueError(
             f"`cycles` ({cycles}) cannot exceed `total_steps` ({total_steps}): each cycle needs at "
@@ -131,7 +145,7 @@ def snapshot_learning_rate(t, *, initial_learning_rate: float, total_steps: int,
         raise ValueError(f"`t` is 1-based: every iteration number must be >= 1, got {t!r}.")
     length = cycle_length(total_steps, cycles)
     # The remainder in integers, so huge step numbers stay exact.
-    rate = alpha0 / 2.0 * (np.cos(np.pi * (np.mod(t_array - 1, length) / length)) + 1.0)
+    rate = cosine_rate(np.mod(t_array - 1, length), length, alpha0, cos=np.cos)
     return float(rate) if rate.ndim == 0 else rate
 
 
@@ -179,8 +193,8 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
         if "int" not in keras.backend.standardize_dtype(step.dtype):
             step = keras.ops.cast(step, "int64")
         remainder = keras.ops.mod(step, keras.ops.cast(self.cycle_length, step.dtype))
-        position = keras.ops.cast(remainder, "float32") / float(self.cycle_length)
-        return (self.initial_learning_rate / 2.0) * (keras.ops.cos(math.pi * position) + 1.0)
+        remainder = keras.ops.cast(remainder, "float32")
+        return cosine_rate(remainder, float(self.cycle_length), self.initial_learning_rate, cos=keras.ops.cos)
 
     def get_config(self) -> dict:
         return {
