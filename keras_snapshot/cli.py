@@ -101,8 +101,9 @@ def _info(args) -> int:
 
 
 def _build(args) -> int:
-    from keras_snapshot.ensemble import _sources, build_ensemble
+    from keras_snapshot.ensemble import build_ensemble
     from keras_snapshot.manifest import atomic_write
+    from keras_snapshot.members import snapshot_sources
 
     output = Path(args.output)
     if output.suffix != ".keras":
@@ -117,7 +118,7 @@ def _build(args) -> int:
         fuse=args.fuse,
     )
     atomic_write(output, ensemble.save, suffix=".keras")
-    members = [name for name, _, _ in _sources(args.directory, args.last)]
+    members = [name for name, _, _ in snapshot_sources(args.directory, args.last)]
     form = ", fused" if args.fuse else ""
     print(f"Wrote {output}: the mean of {len(members)} snapshot(s) ({', '.join(members)}{form}).")
     return 0
@@ -126,15 +127,15 @@ def _build(args) -> int:
 def _export(args, argv: list[str]) -> int:
     import keras
 
-    from keras_snapshot.ensemble import _load
     from keras_snapshot.export import _backend_problem, export_saved_model
+    from keras_snapshot.members import load_model
 
     if not Path(args.model).is_file():
         raise UserError(f"Model file {args.model!r} does not exist.")
     if Path(args.serving_dir).exists() and not Path(args.serving_dir).is_dir():
         raise UserError(f"{args.serving_dir!r} exists and is not a directory.")
     # Loaded here on every backend, so that a corrupt or unsafe file is reported by this process.
-    model = _load(Path(args.model), safe_mode=not args.unsafe)
+    model = load_model(Path(args.model), safe_mode=not args.unsafe)
     if (
         keras.backend.backend() != "tensorflow"
         and _backend_problem(args.format)
@@ -201,22 +202,18 @@ def _evaluate(args) -> int:
     import keras
     import numpy as np
 
-    from keras_snapshot.ensemble import (
-        _input_items,
-        _load_members,
-        _loss_name,
-        _member_graph,
-        _objective,
-    )
+    from keras_snapshot.members import input_items, load_members, member_graph
+    from keras_snapshot.weights import loss_name as pick_loss
+    from keras_snapshot.weights import objective
 
     _snapshot_directory(args.directory)
     if not Path(args.data).is_file():  # before the snapshots are loaded
         raise UserError(f"Data file {args.data!r} does not exist.")
-    members = _load_members(args.directory, None, not args.unsafe)
-    inputs, keys, _, taps = _member_graph(members, args.output_activation)
+    members = load_members(args.directory, None, not args.unsafe)
+    inputs, keys, _, taps = member_graph(members, args.output_activation)
     if len(keys) != 1:
         raise UserError(f"evaluate supports single-output models; these snapshots have outputs {keys}.")
-    input_items = _input_items(members[0].model, members[0].label)
+    input_items = input_items(members[0].model, members[0].label)
     x_arrays, y, x_names = _load_data(args.data, args.x, args.y, [key for key, _ in input_items])
     for name, array, (key, tensor) in zip(x_names, x_arrays, input_items, strict=True):
         expected = tuple(tensor.shape)[1:]
@@ -249,7 +246,7 @@ def _evaluate(args) -> int:
     else:
         raise UserError(f"{args.data!r}: y has shape {y.shape}, the snapshots' output {stack.shape[1:]}.")
     try:
-        loss_name = "mean_squared_error" if kind == "regression" else _loss_name(None, stack, y, key)
+        loss_name = "mean_squared_error" if kind == "regression" else pick_loss(None, stack, y, key)
     except ValueError:
         loss_name = None  # logits: accuracy still ranks, a cross-entropy would be meaningless
 
@@ -263,7 +260,7 @@ def _evaluate(args) -> int:
             row.append(f"{np.mean((mean.reshape(y.shape) > 0.5) == y):.4f}")
         if loss_name is not None:
             weights = np.full(len(subset), 1.0 / len(subset))
-            row.append(f"{_objective(loss_name, subset, y, key)(weights)[0]:.4f}")
+            row.append(f"{objective(loss_name, subset, y, key)(weights)[0]:.4f}")
         return row
 
     header = ["model"] + (["accuracy"] if kind != "regression" else []) + ([loss_name] if loss_name else [])

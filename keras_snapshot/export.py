@@ -12,8 +12,9 @@ from pathlib import Path
 
 import keras
 
-from keras_snapshot.ensemble import _member_output_tensors, _output_items, _structures
+from keras_snapshot.ensemble import member_output_tensors
 from keras_snapshot.manifest import TEMP_PREFIX
+from keras_snapshot.members import output_items, structures
 
 __all__ = ["export_saved_model"]
 
@@ -73,12 +74,12 @@ def _serving_model(model: keras.Model, member_outputs: bool):
     It shares the model's layers and graph (nothing is copied or computed twice), so the member
     outputs come from the same member calls as the ensemble's own outputs.
     """
-    inputs, outputs = _structures(model, f"model {model.name!r}")
+    inputs, outputs = structures(model, f"model {model.name!r}")
     if isinstance(inputs, dict):
         named_inputs = dict(inputs)
     else:
         named_inputs = {tensor.name: tensor for tensor in keras.tree.flatten(inputs)}
-    items = _output_items(model, f"model {model.name!r}")
+    items = output_items(model, f"model {model.name!r}")
     if isinstance(outputs, (dict, list, tuple)):
         named_outputs = dict(items)
     else:
@@ -87,7 +88,7 @@ def _serving_model(model: keras.Model, member_outputs: bool):
         named_outputs = {SINGLE_OUTPUT_KEY: items[0][1]}
     if member_outputs:
         single = len(items) == 1 and not isinstance(outputs, (dict, list, tuple))
-        for member, taps in _member_output_tensors(model).items():
+        for member, taps in member_output_tensors(model).items():
             for key, tensor in taps.items():
                 output_key = member if single else f"{member}_{key}"
                 if output_key in named_outputs or output_key in named_inputs:
@@ -103,10 +104,18 @@ def _serving_model(model: keras.Model, member_outputs: bool):
     return view, signature
 
 
+def _all_layers(model: keras.Model):
+    """Every layer of `model`, nested models' layers included (public API only)."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
 def _grouped_convolutions(model: keras.Model) -> list[str]:
     return [
         layer.name
-        for layer in model._flatten_layers()
+        for layer in _all_layers(model)
         if isinstance(layer, keras.layers.Conv1D | keras.layers.Conv2D | keras.layers.Conv3D)
         and getattr(layer, "groups", 1) > 1
     ]
