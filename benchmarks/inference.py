@@ -23,7 +23,7 @@ running one member, the ensemble (build + run) and the loop, above the process's
 One compute thread per backend process by default (--threads): on the shared 2-core machine these numbers
 come from, torch with its default 2 OpenMP threads took 64 ms for one member at batch 1 instead of 2 ms.
 With one thread the ensemble's independent branches cannot run in parallel. Every target is reported
-for both graphs ([branches] and [fused]); the README says which to use when.
+for both graphs ([branches] and [fused]); the docs' Benchmarks page says which to use when.
 
 Method: every case is warmed up (compilation, first calls), then timed in interleaved rounds (all cases of
 a batch size one after the other, round after round); a sample repeats a fast call until it lasts about

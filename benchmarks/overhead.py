@@ -7,12 +7,6 @@ Variants (one model each; same architecture, data and optimizer: SGD + Nesterov 
   c  SnapshotCallback + SnapshotSchedule, in-graph path (the callback only counts steps and saves)
   d  Keras LearningRateScheduler's update run before every batch (what users write by hand)
 
-Diagnostic variants (--variants): e = constant LR + a callback whose on_train_batch_end does nothing (what
-Keras does differently once any callback has a batch-end hook); f = constant LR + a callback that only
-reads `self.model` before every batch (on JAX that property syncs the whole training state); b*, c* = b
-and c with the SnapshotCallback class of the file given by --candidate (a proposed change, measured side
-by side with the current one).
-
 Method. The variants train at the same time in one process, one thread each, and a turnstile lets
 exactly one of them run at a time: each runs a window of W steps, then hands over to the next
 (a, b, c, d, a, b, c, d, ...), so every variant sees the same machine load and fit's set-up cost is paid
@@ -53,17 +47,12 @@ BATCH = 64
 BIG_T = 10**8  # total_steps of the timed runs: no cycle ends inside them
 CYCLES = 5
 ALPHA0 = 0.1
-DEFAULT_VARIANTS = ("a", "b", "c", "d")
-ALL_VARIANTS = ("a", "b", "c", "d", "e", "f", "b*", "c*")
+VARIANTS = ("a", "b", "c", "d")
 VARIANT_NAMES = {
     "a": "constant LR, no callback",
     "b": "SnapshotCallback, callback path",
     "c": "SnapshotCallback + SnapshotSchedule (in-graph)",
     "d": "LearningRateScheduler's update per batch (hand-written)",
-    "e": "constant LR + no-op on_train_batch_end",
-    "f": "constant LR + read self.model per batch",
-    "b*": "candidate SnapshotCallback, callback path",
-    "c*": "candidate SnapshotCallback + SnapshotSchedule",
 }
 # W steps per window, rounds of windows, warm-up steps before the first window
 CONFIG = {
@@ -144,7 +133,6 @@ def _bootstrap_ci(a: list[float], x: list[float], resamples: int = 1000) -> tupl
 
 # ---------------------------------------------------------------------------------------------- worker
 def _worker(args) -> dict:
-    import importlib.util
     import os
     import tempfile
 
@@ -155,12 +143,6 @@ def _worker(args) -> dict:
     from keras_snapshot import SnapshotCallback, SnapshotSchedule
 
     backend = keras.backend.backend()
-    candidate_cls = None
-    if args.candidate:
-        spec = importlib.util.spec_from_file_location("candidate_callback", args.candidate)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        candidate_cls = module.SnapshotCallback
     mode = "quick" if args.quick else "full"
 
     def make_model(kind: str) -> keras.Model:
@@ -271,30 +253,22 @@ def _worker(args) -> dict:
         length = math.ceil(BIG_T / CYCLES)
         return ALPHA0 / 2.0 * (math.cos(math.pi * (step % length) / length) + 1.0)
 
-    class NoOpBatchEnd(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            pass
-
-    class ReadModel(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            self.model  # noqa: B018 - the property access is the measured cost (JAX state sync)
-
     tmp = Path(tempfile.mkdtemp(prefix="ks-overhead-"))
 
     def variant(name: str, kind: str):
         model = make_model(kind)
-        directory = tmp / f"{kind}-{name.replace('*', 'x')}"
-        if name in ("a", "e", "f"):
+        directory = tmp / f"{kind}-{name}"
+        if name == "a":
             compile_model(model, ALPHA0)
-            extra = {"a": [], "e": [NoOpBatchEnd()], "f": [ReadModel()]}[name]
-        elif name in ("b", "b*"):
+            extra = []
+        elif name == "b":
             compile_model(model, ALPHA0)
-            cls = SnapshotCallback if name == "b" else candidate_cls
-            extra = [cls(directory, cycles=CYCLES, initial_learning_rate=ALPHA0, total_steps=BIG_T)]
-        elif name in ("c", "c*"):
+            extra = [
+                SnapshotCallback(directory, cycles=CYCLES, initial_learning_rate=ALPHA0, total_steps=BIG_T)
+            ]
+        elif name == "c":
             compile_model(model, SnapshotSchedule(ALPHA0, total_steps=BIG_T, cycles=CYCLES))
-            cls = SnapshotCallback if name == "c" else candidate_cls
-            extra = [cls(directory, cycles=CYCLES, total_steps=BIG_T)]
+            extra = [SnapshotCallback(directory, cycles=CYCLES, total_steps=BIG_T)]
         elif name == "d":
             compile_model(model, ALPHA0)
             extra = [PerBatchLearningRateScheduler(cosine)]
@@ -405,9 +379,7 @@ def _worker(args) -> dict:
         "mode": mode,
         "models": {},
     }
-    names = list(args.variants)
-    if any(v.endswith("*") for v in names) and candidate_cls is None:
-        raise SystemExit("variants b*/c* need --candidate PATH")
+    names = list(VARIANTS)
     for kind in args.models:
         config = dict(CONFIG[kind][mode])
         if args.rounds:
@@ -555,9 +527,6 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--models", default=None, help="comma-separated: mlp, cnn (default both; --quick: mlp)"
     )
-    parser.add_argument(
-        "--variants", default=",".join(DEFAULT_VARIANTS), help=f"from {','.join(ALL_VARIANTS)}"
-    )
     parser.add_argument("--rounds", type=int, default=0, help="windows per variant (default: per model)")
     parser.add_argument("--window", type=int, default=0, help="steps per window (default: per model)")
     parser.add_argument("--quick", action="store_true", help="smoke run: a few short windows, the MLP only")
@@ -567,7 +536,6 @@ def main(argv=None) -> int:
         default=1,
         help="compute threads per backend process (default 1; 0 = the backend's default)",
     )
-    parser.add_argument("--candidate", help="a callback.py variant whose SnapshotCallback runs as b*/c*")
     parser.add_argument("--cycle-steps", type=int, default=1000, help="cycle length for the save fraction")
     parser.add_argument("--out", default=str(_common.RESULTS_DIR), help="results folder ('' to skip writing)")
     parser.add_argument(
@@ -579,15 +547,9 @@ def main(argv=None) -> int:
     if args.models is None:
         args.models = "mlp" if args.quick else "mlp,cnn"
     args.models = [m for m in args.models.split(",") if m]
-    args.variants = [v for v in args.variants.split(",") if v]
-    for name in args.variants:
-        if name not in ALL_VARIANTS:
-            parser.error(f"unknown variant {name!r}")
     for kind in args.models:
         if kind not in CONFIG:
             parser.error(f"unknown model {kind!r}")
-    if "a" not in args.variants:
-        args.variants.insert(0, "a")
 
     if args.worker:
         result = _worker(args)
@@ -595,12 +557,11 @@ def main(argv=None) -> int:
         return 0
 
     backends, record = _common.start_record(
-        parser, args, "overhead", variants=args.variants, cycle_steps=args.cycle_steps
+        parser, args, "overhead", variants=list(VARIANTS), cycle_steps=args.cycle_steps
     )
-    forwarded = ["--models", ",".join(args.models), "--variants", ",".join(args.variants)]
+    forwarded = ["--models", ",".join(args.models)]
     forwarded += ["--rounds", str(args.rounds), "--window", str(args.window)]
     forwarded += ["--quick"] if args.quick else []
-    forwarded += ["--candidate", str(Path(args.candidate).resolve())] if args.candidate else []
     started = time.perf_counter()
     for backend in backends:
         record["backends"][backend] = _common.run_worker(
@@ -626,22 +587,6 @@ def main(argv=None) -> int:
         )
         + f"\n\n{_report(record)}\n"
     )
-    if args.candidate:
-        import difflib
-
-        current = _common.REPO_ROOT / "keras_snapshot" / "callback.py"
-        diff = "".join(
-            difflib.unified_diff(
-                current.read_text().splitlines(keepends=True),
-                Path(args.candidate).read_text().splitlines(keepends=True),
-                "a/keras_snapshot/callback.py",
-                "b/keras_snapshot/callback.py",
-            )
-        )
-        record["candidate_diff"] = diff
-        markdown += (
-            f"\nThe candidate (b*, c*), as a diff against keras_snapshot/callback.py:\n\n```diff\n{diff}```\n"
-        )
     _common.publish(markdown, record, args, "overhead", backends)
     return 0
 
