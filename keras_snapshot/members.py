@@ -101,25 +101,148 @@ def snapshot_sources(snapshots, last) -> list[tuple[str, object, str]]:
     return sources
 
 
-def load_model(path: Path, safe_mode: bool = True) -> keras.Model:
-    if not path.is_file():
-        raise FileNotFoundError(f"Snapshot file {str(path)!r} does not exist.")
+def load_model(path: Path, safe_mode: bool = True, *, what: str = "snapshot") -> keras.Model:
+    """Loads a `.keras` file without compiling it; a failure says which cause it is.
+
+    Raises FileNotFoundError for a missing file and ValueError for the rest, each naming the file
+    and the cause: a directory, not a `.keras` zip (e.g. a PNG or a text file), a zip that is not a
+    Keras model, an unknown custom class (named), a refusal by safe mode, a file saved by an
+    incompatible Keras (both versions named). `what` names the file in messages ("snapshot",
+    "model").
+    """
+    import zipfile
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what.capitalize()} file {str(path)!r} does not exist.")
+    prefix = f"Could not load {what} {str(path)!r}"
+    if path.is_dir():
+        raise ValueError(f"{prefix}: it is a directory; pass the .keras file.")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{prefix}: it is not a .keras file (a .keras file is a zip archive), it looks like "
+            f"{_file_kind(path)}. Is it the wrong file, or a corrupt or unfinished one?"
+        )
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
     except Exception as error:
-        text = " ".join(str(error).split())
-        if "safe_mode" in text:
-            raise ValueError(
-                f"Refusing to load {str(path)!r} in safe mode: it holds Python code (e.g. a Lambda layer) "
-                f"that loading would run ({text}). Pass safe_mode=False only for files you trust."
-            ) from error
-        raise ValueError(
-            f"Could not load snapshot {str(path)!r} ({type(error).__name__}: {text}). The file is corrupt or "
-            "not a Keras model; remove it from the list, or restore it."
-        ) from error
+        raise ValueError(_load_failure(path, error, safe_mode, prefix)) from error
     if not isinstance(model, keras.Model):
         raise ValueError(f"{str(path)!r} holds a {type(model).__name__}, not a keras.Model.")
     return model
+
+
+def _file_kind(path: Path) -> str:
+    """What a file that is not a zip archive looks like, for load_model's message."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return (
+            "an HDF5 file (the legacy .h5 format): load it with keras.saving.load_model and save it "
+            "again as .keras"
+        )
+    signatures = {
+        b"\x89PNG": "a PNG image",
+        b"\xff\xd8\xff": "a JPEG image",
+        b"GIF8": "a GIF image",
+        b"%PDF": "a PDF document",
+        b"\x93NUMPY": "a .npy numpy array",
+        b"\x80": "a Python pickle",
+    }
+    for signature, kind in signatures.items():
+        if head.startswith(signature):
+            return kind
+    if b"\0" not in head:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            return "a text file"
+    return "neither (unknown binary content)"
+
+
+def _load_failure(path: Path, error: Exception, safe_mode: bool, prefix: str) -> str:
+    """The message for a `.keras` zip that Keras failed to load: which cause, in one line."""
+    import json
+    import re
+    import zipfile
+
+    text = " ".join(str(error).split())
+    if safe_mode and "safe_mode" in text:
+        return (
+            f"Refusing to load {str(path)!r} in safe mode: it holds Python code that loading would run "
+            f"(Keras: {text.split('. ', 1)[0].rstrip('.')}). Pass safe_mode=False only for files you trust."
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            config = json.loads(archive.read("config.json")) if "config.json" in names else None
+            metadata = json.loads(archive.read("metadata.json")) if "metadata.json" in names else {}
+    except Exception as read_error:  # a damaged archive
+        return f"{prefix}: the zip archive is corrupt ({type(read_error).__name__}: {read_error})."
+    if config is None:
+        return (
+            f"{prefix}: it is a zip archive but not a Keras model (no config.json; it holds "
+            f"{', '.join(sorted(names)[:5]) or 'nothing'}). Is the file corrupt, or the wrong file?"
+        )
+    # Keras's message nests one "Exception encountered:" per level; the last is the cause.
+    cause = text.rsplit("Exception encountered:", 1)[-1].strip()
+    cause = cause.split(" Full object config:", 1)[0].split(" config={", 1)[0].strip()
+    unknown = re.search(r"Could not locate (class|function) '([^']+)'", text)
+    if unknown:
+        kind, name = unknown.groups()
+        where = _registered(config, name)
+        return (
+            f"{prefix}: it uses the custom {kind} {name!r}{where}, which this process does not know. "
+            "Import the code that defines it (registered with "
+            "@keras.saving.register_keras_serializable()) before loading the file."
+        )
+    saved = metadata.get("keras_version") if isinstance(metadata, dict) else None
+    current = keras.__version__
+    if isinstance(saved, str) and _version_key(saved) != _version_key(current):
+        newer = _version_key(saved) > _version_key(current)
+        advice = (
+            f"upgrade Keras (pip install -U 'keras>={saved}') or save the model again with Keras {current}"
+            if newer
+            else f"load and save it again with Keras {saved}, or report the incompatibility to Keras"
+        )
+        return (
+            f"{prefix}: it was saved by Keras {saved}, this is Keras {current}, which cannot read it "
+            f"({type(error).__name__}: {cause}). Saved by an incompatible Keras: {advice}."
+        )
+    return (
+        f"{prefix} ({type(error).__name__}: {cause}). The file is corrupt or not a Keras model; "
+        "remove it from the list, or restore it."
+    )
+
+
+def _registered(config, name: str) -> str:
+    """' (registered as ..., module ...)' for the config entry with class_name `name`, or ''."""
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("class_name") == name:
+                parts = [
+                    f"{label} {node[key]!r}"
+                    for key, label in (("registered_name", "registered as"), ("module", "module"))
+                    if isinstance(node.get(key), str) and node[key] != name
+                ]
+                return f" ({', '.join(parts)})" if parts else ""
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return ""
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string; patch releases read each other's files."""
+    import re
+
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
 
 
 def load_members(snapshots, last: int | None = None, safe_mode: bool = True) -> list[Member]:
