@@ -10,6 +10,11 @@ A snapshot directory holds one `.keras` file per finished cycle and `manifest.js
 Every write goes to a temporary file in the same directory, is flushed to disk and
 then renamed over the target, so a crash leaves either the old or the new file,
 never a half-written one that looks valid.
+
+The manifest is data, not a path authority: every entry's "file" must be a plain file
+name inside the snapshot directory (no separator, no `..`, not absolute, not a symlink
+leading out of the directory). Both `read_manifest` and `write_manifest` refuse any
+other entry with a ValueError naming it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -60,8 +65,54 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None], suffix
     _fsync_directory(target.parent)
 
 
+def _unsafe_reason(directory: Path, name) -> str | None:
+    """Why `name` is not a plain file name inside `directory`, or None where it is."""
+    if not isinstance(name, str) or not name:
+        return "it is not a non-empty string"
+    if "\0" in name:
+        return "it contains a NUL character"
+    if name in (".", ".."):
+        return "it names a directory"
+    # Both separators, whatever this system's: a manifest may travel between systems.
+    if "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name):
+        return "it contains a path separator"
+    if (
+        PurePosixPath(name).is_absolute()
+        or PureWindowsPath(name).is_absolute()
+        or PureWindowsPath(name).drive
+    ):
+        return "it is an absolute path"
+    path = directory / name
+    if path.is_symlink():
+        target = path.resolve()
+        root = directory.resolve()
+        if target.parent != root and root not in target.parents:
+            return f"it is a symlink to {str(target)!r}, outside the directory"
+    return None
+
+
+def check_entry_file(directory: str | os.PathLike, entry: dict, source: str) -> None:
+    """Raises ValueError unless `entry["file"]` is a plain file name inside `directory`.
+
+    `source` names where the entry comes from (the manifest's path) for the message."""
+    name = entry.get("file")
+    reason = _unsafe_reason(Path(directory), name)
+    if reason is not None:
+        raise ValueError(
+            f"{source}: the entry of cycle {entry.get('cycle')!r} names the file {name!r}, which is not a "
+            f"plain file name inside the snapshot directory ({reason}). Manifest entries must name files "
+            f"in {str(directory)!r} itself, e.g. 'snapshot-01.keras': put the snapshot file there and "
+            "write only its name in the entry."
+        )
+
+
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
-    """Writes `manifest` as `directory/manifest.json`, atomically."""
+    """Writes `manifest` as `directory/manifest.json`, atomically.
+
+    Raises ValueError, writing nothing, where an entry's file is not a plain file name inside
+    `directory`."""
+    for entry in manifest.get("snapshots", ()):
+        check_entry_file(directory, entry, str(Path(directory) / MANIFEST_NAME))
     text = json.dumps(manifest, indent=2, sort_keys=False, allow_nan=True) + "\n"
 
     def write(path: str) -> None:
@@ -74,7 +125,9 @@ def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
 def read_manifest(directory: str | os.PathLike) -> dict | None:
     """The manifest of a snapshot directory, or None where there is none yet.
 
-    Raises ValueError, naming the file, when it exists but is not a valid manifest.
+    Raises ValueError, naming the file, when it exists but is not a valid manifest, or when an
+    entry's file is not a plain file name inside the directory (a path with a separator, `..`,
+    an absolute path, a symlink leading out).
     """
     path = Path(directory) / MANIFEST_NAME
     try:
@@ -97,6 +150,7 @@ def read_manifest(directory: str | os.PathLike) -> dict | None:
     for entry in manifest["snapshots"]:
         if not isinstance(entry, dict) or not {"cycle", "step", "file"} <= entry.keys():
             raise ValueError(f"{path} has a snapshot entry without cycle/step/file: {entry!r}.")
+        check_entry_file(directory, entry, str(path))
     return manifest
 
 
