@@ -1,0 +1,611 @@
+"""Knowledge distillation: one student trained on the snapshot ensemble's averaged probabilities.
+
+Serving a snapshot ensemble costs M forward passes. `distill` trains ONE model, the student, to
+match the ensemble's softened probabilities (Hinton et al., 2015), so that it serves at the cost
+of one member. Labels are optional: unlabeled inputs are the common case.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+
+from keras_snapshot.members import (
+    MEMBER_PREFIX,
+    Member,
+    check_agreement,
+    input_items,
+    load_members,
+    member_predictions,
+    output_items,
+    resolve_activations,
+    snapshot_sources,
+    structures,
+)
+
+__all__ = ["distill"]
+
+EPSILON = 1e-7  # Keras's clipping of probabilities inside cross-entropies
+DEFAULT_LEARNING_RATE = 1e-3
+
+
+# ---------------------------------------------------------------------------------------- the loss
+@keras.saving.register_keras_serializable(package="keras_snapshot")
+class DistillationLoss(keras.losses.Loss):
+    """(1 - alpha) * T^2 * KL(teacher_T || student_T) + alpha * CE(labels, student), per sample.
+
+    `y_true` holds the teacher's probabilities already softened at temperature T (computed once,
+    in numpy) and, when `labelled`, the one-hot labels after them on the last axis. `y_pred` is
+    the student's probabilities, softened here: softmax(log(p) / T). A single sigmoid unit
+    (`binary`) is the two-class distribution [1 - p, p].
+    """
+
+    def __init__(
+        self,
+        temperature: float = 2.0,
+        alpha: float = 0.5,
+        labelled: bool = False,
+        binary: bool = False,
+        name: str = "distillation",
+        reduction: str = "sum_over_batch_size",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self.labelled = bool(labelled)
+        self.binary = bool(binary)
+
+    def call(self, y_true, y_pred):
+        ops = keras.ops
+        y_true = ops.cast(y_true, "float32")
+        y_pred = ops.cast(y_pred, "float32")
+        if self.binary:
+            y_pred = ops.concatenate([1.0 - y_pred, y_pred], axis=-1)
+        width = y_pred.shape[-1]
+        log_p = ops.log(ops.clip(y_pred, EPSILON, 1.0))
+        soft = y_true[..., :width]
+        log_student = ops.log_softmax(log_p / self.temperature, axis=-1)
+        kl = ops.sum(soft * (ops.log(ops.clip(soft, 1e-12, 1.0)) - log_student), axis=-1)
+        scale = self.temperature**2
+        if not self.labelled:
+            return scale * kl
+        cross_entropy = -ops.sum(y_true[..., width:] * log_p, axis=-1)
+        return (1.0 - self.alpha) * scale * kl + self.alpha * cross_entropy
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            temperature=self.temperature, alpha=self.alpha, labelled=self.labelled, binary=self.binary
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_snapshot")
+def teacher_agreement(y_true, y_pred):
+    """1 where the student's top-1 class is the teacher's, else 0 (per sample)."""
+    ops = keras.ops
+    y_true = ops.cast(y_true, "float32")
+    y_pred = ops.cast(y_pred, "float32")
+    if y_pred.shape[-1] == 1:
+        student = ops.cast(y_pred[..., 0] > 0.5, "int32")
+        teacher = ops.cast(ops.argmax(y_true[..., :2], axis=-1), "int32")
+    else:
+        student = ops.cast(ops.argmax(y_pred, axis=-1), "int32")
+        teacher = ops.cast(ops.argmax(y_true[..., : y_pred.shape[-1]], axis=-1), "int32")
+    return ops.cast(ops.equal(student, teacher), "float32")
+
+
+def soften(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log(p) / T) over the last axis; one sigmoid unit becomes [1 - p, p] first."""
+    p = np.asarray(probabilities, dtype="float64")
+    if p.shape[-1] == 1:
+        p = np.concatenate([1.0 - p, p], axis=-1)
+    logits = np.log(np.clip(p, EPSILON, 1.0)) / temperature
+    logits -= logits.max(axis=-1, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------------- checks
+def _check_number(value, name: str, low: float, high: float | None, low_open: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+        raise TypeError(f"`{name}` must be a finite number, got {value!r}.")
+    value = float(value)
+    if (value <= low if low_open else value < low) or (high is not None and value > high):
+        bound = f"> {low}" if low_open else f">= {low}"
+        bound += f" and <= {high}" if high is not None else ""
+        raise ValueError(f"`{name}` must be {bound}, got {value}.")
+    return value
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+    return int(value)
+
+
+def _refuse_streams(data, name: str) -> None:
+    """distill needs in-memory arrays; say why and what to do for datasets and generators."""
+    kind = None
+    if isinstance(data, keras.utils.PyDataset):
+        kind = "a keras.utils.PyDataset"
+    elif hasattr(data, "as_numpy_iterator") or type(data).__module__.startswith("tensorflow.python.data"):
+        kind = "a tf.data.Dataset"
+    elif type(data).__name__ == "DataLoader":
+        kind = "a torch DataLoader"
+    elif hasattr(data, "__next__") or (hasattr(data, "__iter__") and not hasattr(data, "__len__")):
+        kind = "a generator or iterator"
+    if kind is not None:
+        raise TypeError(
+            f"`{name}` is {kind}; distill needs in-memory arrays (a numpy array, a list or a dict of "
+            "arrays). The teacher's probabilities are computed once, before training, with each member "
+            "run once over the data; a stream would have to run all M members at every step of every "
+            "epoch. Materialise the inputs first, e.g. "
+            "x = np.concatenate([batch for batch, *_ in dataset.as_numpy_iterator()])."
+        )
+
+
+def as_arrays(data, name: str):
+    """data as numpy arrays in its structure (one array, a list or a dict), and its row count."""
+    _refuse_streams(data, name)
+    if isinstance(data, dict):
+        arrays = {str(key): np.asarray(value) for key, value in data.items()}
+        leaves = list(arrays.values())
+    elif isinstance(data, (list, tuple)):
+        arrays = [np.asarray(value) for value in data]
+        leaves = arrays
+    else:
+        arrays = np.asarray(data)
+        leaves = [arrays]
+    if not leaves:
+        raise ValueError(f"`{name}` is empty: pass the inputs as arrays.")
+    for leaf in leaves:
+        if leaf.ndim == 0 or leaf.dtype == object:
+            raise ValueError(
+                f"`{name}` must hold numeric arrays with a batch axis first, got an array of shape "
+                f"{leaf.shape} and dtype {leaf.dtype}."
+            )
+    rows = {leaf.shape[0] for leaf in leaves}
+    if len(rows) != 1:
+        raise ValueError(f"The arrays of `{name}` have different numbers of rows: {sorted(rows)}.")
+    count = rows.pop()
+    if count == 0:
+        raise ValueError(f"`{name}` has no rows.")
+    return arrays, count
+
+
+def _compatible(shape, expected) -> bool:
+    return len(shape) == len(expected) and all(
+        e is None or s == e for s, e in zip(shape, expected, strict=True)
+    )
+
+
+def check_inputs(arrays, model: keras.Model, label: str, name: str) -> None:
+    """`arrays` fit the model's inputs: one array, a list in order or a dict by input name."""
+    items = input_items(model, label)
+    names = [key for key, _ in items]
+    if isinstance(arrays, dict):
+        if set(arrays) != set(names):
+            raise ValueError(
+                f"`{name}` has keys {sorted(arrays)}, but {label} has inputs {names}: pass a dict with "
+                "exactly the input names."
+            )
+        given = [arrays[key] for key in names]
+    elif isinstance(arrays, list):
+        if len(arrays) != len(names):
+            raise ValueError(
+                f"`{name}` holds {len(arrays)} arrays, but {label} has {len(names)} inputs {names}."
+            )
+        given = arrays
+    else:
+        if len(names) != 1:
+            raise ValueError(
+                f"`{name}` is one array, but {label} has {len(names)} inputs {names}: pass a list or a dict."
+            )
+        given = [arrays]
+    for key, array, (_, tensor) in zip(names, given, items, strict=True):
+        expected = tuple(tensor.shape)[1:]
+        if not _compatible(array.shape[1:], expected):
+            raise ValueError(
+                f"`{name}` for input {key!r} has rows of shape {array.shape[1:]}, but {label} expects "
+                f"{expected}."
+            )
+
+
+def _check_probabilities(values: np.ndarray, what: str, hint: str) -> None:
+    finite = np.all(np.isfinite(values))
+    inside = finite and np.all(values >= -1e-6) and np.all(values <= 1 + 1e-6)
+    sums = values.sum(axis=-1) if values.shape[-1] > 1 else None
+    if not inside or (sums is not None and np.max(np.abs(sums - 1.0)) > 1e-3):
+        seen = f"values in [{np.nanmin(values):.3g}, {np.nanmax(values):.3g}]"
+        if sums is not None and inside:
+            seen = f"rows summing to {np.min(sums):.3g}..{np.max(sums):.3g}"
+        raise ValueError(
+            f"{what} are not probabilities over the last axis ({seen}). distill matches distributions: {hint}"
+        )
+
+
+def _hard_labels(y, key: str, output_shape: tuple, rows: int) -> tuple[np.ndarray, bool]:
+    """One-hot labels of width max(C, 2) and whether they were integer class indices."""
+    y = np.asarray(y)
+    classes = output_shape[-1]
+    if y.shape[:1] != (rows,):
+        raise ValueError(f"`y` for output {key!r} has {y.shape[0] if y.ndim else 0} rows but `x` has {rows}.")
+    if classes == 1:
+        if y.shape[1:] not in (output_shape[:-1], output_shape):
+            raise ValueError(
+                f"`y` for output {key!r} has shape {y.shape}, the output {(rows, *output_shape)}."
+            )
+        y = y.reshape((rows, *output_shape[:-1], 1)).astype("float64")
+        if np.any((y < 0) | (y > 1)):
+            raise ValueError(f"`y` for the sigmoid output {key!r} must lie in [0, 1].")
+        return np.concatenate([1.0 - y, y], axis=-1), False
+    if y.shape[1:] == output_shape and not np.issubdtype(y.dtype, np.integer):
+        y = y.astype("float64")
+        _check_probabilities(y, f"`y` for output {key!r}", "pass integer class labels or one-hot rows.")
+        return y, False
+    if y.shape[1:] in (output_shape[:-1], (*output_shape[:-1], 1)):
+        labels = y.reshape((rows, *output_shape[:-1]))
+        if not np.all(np.mod(labels, 1) == 0) or labels.min() < 0 or labels.max() >= classes:
+            raise ValueError(
+                f"`y` for output {key!r} must hold class indices in [0, {classes - 1}], got values in "
+                f"[{labels.min()}, {labels.max()}]."
+            )
+        return np.eye(classes)[labels.astype("int64")], True
+    raise ValueError(
+        f"`y` for output {key!r} has rows of shape {y.shape[1:]}: pass class indices of shape "
+        f"{output_shape[:-1]} or one-hot rows of shape {output_shape}."
+    )
+
+
+def _per_key(data, keys: list[str], output_struct, name: str) -> dict:
+    if isinstance(output_struct, dict) or len(keys) > 1:
+        if isinstance(data, dict) and set(data) == set(keys):
+            return {key: data[key] for key in keys}
+        if isinstance(data, (list, tuple)) and len(data) == len(keys) and not isinstance(output_struct, dict):
+            return dict(zip(keys, data, strict=True))
+        raise ValueError(f"`{name}` must hold one array per output {keys} (a dict by output name).")
+    return {keys[0]: data}
+
+
+def _structure(per_key: dict, keys: list[str], output_struct):
+    if isinstance(output_struct, dict):
+        return {key: per_key[key] for key in keys}
+    if isinstance(output_struct, (list, tuple)):
+        return [per_key[key] for key in keys]
+    return per_key[keys[0]]
+
+
+# ---------------------------------------------------------------------------------------- the teacher
+def _teacher_members(teacher, last, safe_mode):
+    """(members, the model whose architecture the default student copies, its output activations
+    as found in a built ensemble or None)."""
+    if isinstance(teacher, keras.Model):
+        if last is not None:
+            raise ValueError(
+                "`last` only applies to a snapshot directory or a list of snapshots, not a model."
+            )
+        inner = [layer for layer in teacher.layers if isinstance(layer, keras.Model)]
+        inner = [layer for layer in inner if layer.name.startswith(MEMBER_PREFIX)]
+        reference, activations = teacher, None
+        if inner:  # an ensemble made by build_ensemble: the student copies one member
+            reference = inner[0]
+            activations = {}
+            for key, _ in output_items(teacher):
+                try:
+                    layer = teacher.get_layer(f"{reference.name}_{key}")
+                except ValueError:
+                    activations = None
+                    break
+                name = getattr(getattr(layer, "activation", None), "__name__", "linear")
+                activations[key] = None if name == "linear" else name
+        elif any(layer.name.startswith("fused_") for layer in teacher.layers):
+            reference = None  # a fused ensemble: its copy would cost M members
+        return (
+            [Member(teacher, f"{MEMBER_PREFIX}01", f"the teacher {teacher.name!r}")],
+            reference,
+            activations,
+        )
+    snapshot_sources(teacher, last)  # cheap checks (paths, `last`) before any load
+    members = load_members(teacher, last, safe_mode)
+    return members, members[0].model, None
+
+
+def _teacher_probabilities(members, x, output_activation, batch_size):
+    names = [member.model.name for member in members]
+    try:  # member_predictions renames the members for its graph; give the user's models their names back
+        _, stacks = member_predictions(members, x, output_activation=output_activation, batch_size=batch_size)
+    finally:
+        for member, name in zip(members, names, strict=True):
+            member.model.name = name
+    return {key: stack.mean(axis=0) for key, stack in stacks.items()}
+
+
+def _default_student(reference, activations: dict | None, label: str) -> keras.Model:
+    clone = keras.models.clone_model(reference)  # same architecture, freshly initialised weights
+    if not activations or all(value is None for value in activations.values()):
+        clone.name = "student"
+        return clone
+    inputs, outputs = structures(clone, label)
+    items = output_items(clone, label)
+    tensors = {
+        key: keras.layers.Activation(activations[key] or "linear", name=f"{key}_probabilities")(tensor)
+        for key, tensor in items
+    }
+    keys = [key for key, _ in items]
+    return keras.Model(inputs, _structure(tensors, keys, outputs), name="student")
+
+
+def _check_student(student, reference_outputs, keys, output_struct, label: str) -> None:
+    if not isinstance(student, keras.Model):
+        raise TypeError(f"`student` must be a keras.Model or None, got {type(student).__name__}.")
+    _, student_struct = structures(student, "the student")
+    student_items = output_items(student, "the student")
+    kind = type(output_struct).__name__ if isinstance(output_struct, (dict, list, tuple)) else "tensor"
+    student_kind = (
+        type(student_struct).__name__ if isinstance(student_struct, (dict, list, tuple)) else "tensor"
+    )
+    if len(student_items) != len(keys) or (
+        isinstance(output_struct, dict) and {key for key, _ in student_items} != set(keys)
+    ):
+        raise ValueError(
+            f"The student's outputs {[key for key, _ in student_items]} ({student_kind}) do not match "
+            f"{label}'s outputs {keys} ({kind}): the student needs the same outputs."
+        )
+    if isinstance(output_struct, dict):  # matched by key, else by position
+        student_items = [(key, dict(student_items)[key]) for key, _ in reference_outputs]
+    for (key, tensor), (student_key, student_tensor) in zip(reference_outputs, student_items, strict=True):
+        expected, shape = tuple(tensor.shape)[1:], tuple(student_tensor.shape)[1:]
+        if not _compatible(shape, expected) and not _compatible(expected, shape):
+            raise ValueError(
+                f"The student's output {student_key!r} has shape {shape}, {label}'s output {key!r} has "
+                f"{expected}: the student must predict the same classes."
+            )
+
+
+# ---------------------------------------------------------------------------------------- public
+def distill(
+    teacher: str | os.PathLike | Sequence[str | os.PathLike | keras.Model] | keras.Model,
+    x,
+    *,
+    y=None,
+    student: keras.Model | None = None,
+    validation_data=None,
+    epochs: int = 10,
+    batch_size: int = 64,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    optimizer=None,
+    callbacks: Sequence[keras.callbacks.Callback] | None = None,
+    verbose="auto",
+    last: int | None = None,
+    output_activation: str | dict[str, str | None] | None = None,
+    safe_mode: bool = True,
+) -> keras.Model:
+    """Trains one model, the student, on the snapshot ensemble's averaged probabilities.
+
+    The ensemble costs M forward passes per prediction; the student costs one. It learns the
+    teacher's probabilities softened at temperature T (Hinton et al., 2015), which carry more
+    than the top-1 class (which wrong classes look alike), so labels are optional:
+
+        loss = (1 - alpha) * T^2 * KL(teacher_T || student_T) + alpha * CE(y, student)
+
+    where p_T = softmax(log(p) / T); T^2 keeps the gradients of the soft term on the scale of
+    the hard one. Without `y` the loss is T^2 * KL alone and `alpha` is ignored.
+
+    The teacher's probabilities are computed ONCE, before training, in one pass over `x` that
+    runs each member once (and once over the validation inputs), so an epoch of `distill` costs
+    about an epoch of `fit` of the student (benchmarks/results/distill_cost.md). That is why `x`
+    must be in-memory arrays: a `tf.data.Dataset`, `PyDataset` or generator is refused, because
+    the teacher would have to run all M members at every step of every epoch. Random data
+    augmentation is therefore not applied; distil on the (unaugmented) training inputs, plus
+    unlabeled inputs if you have them.
+
+    The student is trained with `fit`, so `callbacks` see it as `self.model`: `SnapshotCallback`,
+    `BackupAndRestore`, `EarlyStopping(monitor="val_loss")` and `TensorBoard` work as usual. The
+    logs hold `loss` and `teacher_agreement` (the share of samples whose top-1 class is the
+    teacher's), with `val_` twins given `validation_data`. Checkpoints written during training
+    carry the distillation loss in their compile config: load them with `compile=False` (as
+    `build_ensemble` does) or after importing keras_snapshot. The returned student is re-compiled
+    with built-in losses only (see Returns).
+
+    Args:
+        teacher: a snapshot directory written by `SnapshotCallback`, a list of `.keras` paths or
+            `keras.Model`s (their mean probabilities), or one `keras.Model`, e.g. an ensemble made
+            by `build_ensemble`.
+        x: training inputs: an array, a list of arrays (one per input) or a dict by input name.
+        y: optional labels (class indices, or one-hot rows; a dict by output name for several
+            outputs), mixed in with weight `alpha`.
+        student: the model to train (its weights are trained in place). Default: a fresh copy of
+            the members' architecture, re-initialised (`keras.models.clone_model`), so the student
+            costs one member; from a `build_ensemble` model the copy is of its first member, with
+            the ensemble's `output_activation`. Any model with the teacher's inputs and outputs
+            works; it must end in probabilities, as the teacher.
+        validation_data: inputs, or (inputs, labels) when `y` is given, to report `val_loss`
+            (the same loss) and `val_teacher_agreement` each epoch.
+        epochs: epochs of student training (>= 1): count them in the student's training budget.
+        batch_size: the training batch size, also used for the teacher's predictions.
+        temperature: T > 0. Above 1 softens the distributions (2 to 4 is usual).
+        alpha: the weight of the hard-label loss, in [0, 1]; ignored without `y`.
+        optimizer: an optimizer or its name. Default: the student's own if it was compiled, else
+            `Adam(1e-3)`, which needs no tuning per architecture for a student trained from scratch on
+            soft targets (an SGD rate depends on the model; pass one to use it).
+        callbacks: Keras callbacks passed to `fit`.
+        verbose: passed to `fit`.
+        last: distil only the last m snapshots of a directory or list.
+        output_activation: an activation applied to each member's output before averaging
+            (e.g. "softmax" when the members output logits, as in `build_ensemble`), and to the
+            default student's outputs so that it ends in probabilities too.
+        safe_mode: load snapshot files in Keras's safe mode.
+
+    Returns:
+        The trained student, a plain functional `keras.Model`. It is compiled with the training
+        optimizer (its state kept) and built-in Keras objects only: `sparse_categorical_crossentropy`
+        when `y` held class indices, else `categorical_crossentropy` (`binary_crossentropy` for a
+        single sigmoid unit), with the metric "accuracy". So `student.evaluate(x_test, y_test)`
+        works and `student.save("student.keras")` reloads with plain `keras.saving.load_model`,
+        without keras_snapshot. `student.history.history` holds the training logs.
+
+    Raises:
+        TypeError: `x` is a dataset or generator, or an argument has the wrong type.
+        ValueError: bad arguments, inputs that do not fit the teacher, a student whose inputs or
+            outputs differ from the teacher's, or outputs that are not probabilities; all raised
+            before any training.
+
+    Example:
+
+    ```python
+    import keras, numpy as np, keras_snapshot
+    x, y = np.random.rand(512, 8).astype("float32"), np.random.randint(0, 3, 512)
+    model = keras.Sequential([keras.Input((8,), name="features"), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(3, activation="softmax")])
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=32, epochs=6, verbose=0,
+              callbacks=[keras_snapshot.SnapshotCallback("snapshots", cycles=3)])
+    student = keras_snapshot.distill("snapshots", x, epochs=5, verbose=0)  # no labels needed
+    student.save("student.keras")   # one model's cost; reloads with plain keras.saving.load_model
+    ```
+    """
+    # Everything cheap first: no load, no prediction and no training before the arguments are right.
+    epochs = _check_positive_int(epochs, "epochs")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    temperature = _check_number(temperature, "temperature", 0.0, None, low_open=True)
+    alpha = _check_number(alpha, "alpha", 0.0, 1.0, low_open=False)
+    if not isinstance(safe_mode, bool):
+        raise TypeError(f"`safe_mode` must be True or False, got {safe_mode!r}.")
+    if callbacks is not None and (
+        isinstance(callbacks, keras.callbacks.Callback) or not isinstance(callbacks, Sequence)
+    ):
+        raise TypeError("`callbacks` must be a list of keras.callbacks.Callback or None.")
+    x, rows = as_arrays(x, "x")
+    if y is not None:
+        _refuse_streams(y, "y")
+    x_val = y_val = None
+    if validation_data is not None:
+        if isinstance(validation_data, tuple) and len(validation_data) in (1, 2):
+            x_val = validation_data[0]
+            y_val = validation_data[1] if len(validation_data) == 2 else None
+        else:
+            x_val = validation_data
+        x_val, _ = as_arrays(x_val, "validation_data")
+        if (y is None) != (y_val is None):
+            raise ValueError(
+                "`validation_data` must match the training data: pass (x_val, y_val) with `y`, and only "
+                "x_val without `y` (the validation loss is the training loss, which uses labels only "
+                "when `y` is given)."
+            )
+    if optimizer is not None:
+        optimizer = keras.optimizers.get(optimizer)
+
+    members, reference, ensemble_activations = _teacher_members(teacher, last, safe_mode)
+    check_agreement(members)
+    teacher_model, label = members[0].model, members[0].label
+    check_inputs(x, teacher_model, label, "x")
+    if x_val is not None:
+        check_inputs(x_val, teacher_model, label, "validation_data")
+    reference_outputs = output_items(teacher_model, label)
+    keys = [key for key, _ in reference_outputs]
+    _, output_struct = structures(teacher_model, label)
+    output_shapes = {key: tuple(tensor.shape)[1:] for key, tensor in reference_outputs}
+    for key, shape in output_shapes.items():
+        if not shape or shape[-1] is None:
+            raise ValueError(f"{label}'s output {key!r} has shape {shape}: distill needs a known class axis.")
+    activations = resolve_activations(output_activation, keys, members)
+
+    labels = labels_val = None
+    integer_labels = dict.fromkeys(keys, False)
+    if y is not None:
+        labels, labels_val = {}, {}
+        for key, value in _per_key(y, keys, output_struct, "y").items():
+            labels[key], integer_labels[key] = _hard_labels(value, key, output_shapes[key], rows)
+        rows_val = keras.tree.flatten(x_val)[0].shape[0] if x_val is not None else 0
+        if y_val is not None:
+            for key, value in _per_key(y_val, keys, output_struct, "validation_data labels").items():
+                labels_val[key], _ = _hard_labels(value, key, output_shapes[key], rows_val)
+
+    if student is None:
+        if reference is None:
+            raise ValueError(
+                f"{label} is a fused ensemble (build_ensemble(fuse=True)): a copy of it would cost all M "
+                "members. Pass the snapshot directory or list as the teacher, or a `student` model."
+            )
+        default_activations = ensemble_activations or activations
+        student = _default_student(reference, default_activations, label)
+        hint = "pass output_activation='softmax' when the members output logits."
+    else:
+        hint = "end the student in softmax (or sigmoid for one unit)."
+    _check_student(student, reference_outputs, keys, output_struct, label)
+    check_inputs(x, student, "the student", "x")
+    probe = keras.tree.map_structure(lambda a: a[: min(rows, batch_size)], x)
+    probe_outputs = _per_key(
+        student.predict(probe, batch_size=batch_size, verbose=0), keys, output_struct, "the student outputs"
+    )
+    for key in keys:
+        _check_probabilities(
+            np.asarray(probe_outputs[key], dtype="float64"), f"The student's outputs {key!r}", hint
+        )
+    if optimizer is None:
+        optimizer = getattr(student, "optimizer", None) or keras.optimizers.Adam(DEFAULT_LEARNING_RATE)
+
+    # The one expensive pass: every member once over x (and over x_val).
+    probabilities = _teacher_probabilities(members, x, output_activation, batch_size)
+    for key in keys:
+        _check_probabilities(
+            probabilities[key],
+            f"The teacher's outputs {key!r}",
+            "pass output_activation='softmax' (or 'sigmoid') when the members output logits.",
+        )
+    probabilities_val = (
+        _teacher_probabilities(members, x_val, output_activation, batch_size) if x_val is not None else None
+    )
+
+    def targets(probs, hard):
+        packed = {}
+        for key in keys:
+            soft = soften(probs[key], temperature)
+            packed[key] = (np.concatenate([soft, hard[key]], axis=-1) if hard else soft).astype("float32")
+        return _structure(packed, keys, output_struct)
+
+    losses = {
+        key: DistillationLoss(
+            temperature,
+            alpha,
+            labelled=y is not None,
+            binary=output_shapes[key][-1] == 1,
+            name="distillation",
+        )
+        for key in keys
+    }
+    student.compile(
+        optimizer=optimizer,
+        loss=_structure(losses, keys, output_struct),
+        metrics=_structure({key: [teacher_agreement] for key in keys}, keys, output_struct),
+    )
+    student.fit(
+        x,
+        targets(probabilities, labels),
+        validation_data=(x_val, targets(probabilities_val, labels_val)) if x_val is not None else None,
+        epochs=epochs,
+        batch_size=batch_size,
+        callbacks=list(callbacks) if callbacks is not None else None,
+        verbose=verbose,
+    )
+    history = student.history
+
+    def final_loss(key):
+        if output_shapes[key][-1] == 1:
+            return "binary_crossentropy"
+        return "sparse_categorical_crossentropy" if integer_labels[key] else "categorical_crossentropy"
+
+    student.compile(
+        optimizer=student.optimizer,
+        loss=_structure({key: final_loss(key) for key in keys}, keys, output_struct),
+        metrics=_structure({key: ["accuracy"] for key in keys}, keys, output_struct),
+    )
+    student.history = history
+    return student
