@@ -11,6 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_snapshot import keras_internals
 from keras_snapshot import manifest as manifest_lib
 from keras_snapshot.schedule import (
     SnapshotSchedule,
@@ -25,6 +26,24 @@ from keras_snapshot.schedule import (
 __all__ = ["SnapshotCallback"]
 
 DEFAULT_LEARNING_RATE = 0.1
+
+# Callbacks known to set the learning rate: with SnapshotCallback they have no effect or break it.
+_RATE_SETTERS = (keras.callbacks.LearningRateScheduler, keras.callbacks.ReduceLROnPlateau)
+# Callbacks that write the epoch logs where they are in the list.
+_LOGGERS = (keras.callbacks.CSVLogger, keras.callbacks.TensorBoard, keras.callbacks.ProgbarLogger)
+# Callbacks that stop training.
+_STOPPERS = (keras.callbacks.EarlyStopping, keras.callbacks.TerminateOnNaN)
+# Callbacks that never touch the learning rate (left out when naming suspects).
+_PASSIVE = (
+    keras.callbacks.History,
+    keras.callbacks.ProgbarLogger,
+    keras.callbacks.CSVLogger,
+    keras.callbacks.TensorBoard,
+    keras.callbacks.ModelCheckpoint,
+    keras.callbacks.BackupAndRestore,
+    keras.callbacks.EarlyStopping,
+    keras.callbacks.TerminateOnNaN,
+)
 
 
 def _is_chief(model) -> bool:
@@ -45,12 +64,6 @@ def _is_chief(model) -> bool:
     return True
 
 
-def _jax_process_count() -> int:
-    import jax
-
-    return jax.process_count()
-
-
 def _json_logs(logs) -> dict:
     """The scalar entries of a Keras logs dict as plain floats (JSON-ready)."""
     out = {}
@@ -62,115 +75,6 @@ def _json_logs(logs) -> dict:
         if array.size == 1 and np.issubdtype(array.dtype, np.number):
             out[str(key)] = float(array.reshape(()))
     return out
-
-
-def _assign_learning_rate(optimizer, rate: float) -> None:
-    """Sets a float learning rate, the cheapest way each backend allows.
-
-    `optimizer.learning_rate = rate` goes through Keras's setter and `Variable.assign` (a Keras-level
-    conversion to a tensor, a shape check, a cast and, on TensorFlow, a read-back of the variable):
-    about twice the cost of the backend's own in-place assignment, every batch.
-    """
-    variable = optimizer.learning_rate  # the rate's Variable itself when compiled with a float
-    if not isinstance(variable, keras.Variable):
-        optimizer.learning_rate = rate
-        return
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        variable.value.assign(rate, read_value=False)
-    elif backend == "torch":
-        import torch
-
-        with torch.no_grad():
-            variable.value.fill_(rate)
-    else:
-        variable.assign(rate)
-
-
-class _JaxRateSetter:
-    """Sets the learning rate between JAX training steps without Keras's full state sync.
-
-    Between steps of an epoch the JAX trainer keeps the model's state outside its Variables (whose
-    values it drops) and passes it from step to step. Reading `callback.model` syncs it back with
-    a Keras-level `assign` of every weight and optimizer slot, and assigning the rate converts a
-    Python float to a device array: per batch that cost a third of a small CNN's step on an H100
-    (b/a 0.68-0.75). Instead, the state the trainer last returned (`model._jax_state`) goes back
-    into the Variables as it is, with the new rate, and the state is marked synced, so that the
-    trainer takes the rate at its next step as after a full sync. The rates themselves are made
-    on the device CHUNK steps at a time by one compiled call (a `device_put` per step cost ~50 us
-    on CPU; the call ~40 us per 16 steps, after one compilation of ~0.2 s per process).
-    """
-
-    CHUNK = 16
-
-    def __init__(self, model, rate_of):
-        optimizer = model.optimizer
-        self.rate = optimizer.learning_rate
-        self.rate_of = rate_of
-        self.groups = (
-            ("trainable_variables", list(model.trainable_variables)),
-            ("non_trainable_variables", list(model.non_trainable_variables)),
-            ("optimizer_variables", list(optimizer.variables)),
-            ("metrics_variables", list(model.metrics_variables)),
-        )
-        self.first, self.rates = None, ()
-
-    @classmethod
-    def applies(cls, model) -> bool:
-        return (
-            keras.backend.backend() == "jax"
-            and _jax_process_count() == 1
-            # NNX variables mirror their values elsewhere (older Keras 3 releases have no NNX switch)
-            and not getattr(keras.config, "is_nnx_enabled", lambda: False)()
-            and isinstance(model.optimizer.learning_rate, keras.Variable)
-        )
-
-    def set(self, model, step: int) -> bool:
-        """Sets the rate of `step`; False where the trainer's state is not the expected one (the
-        caller then syncs and assigns)."""
-        if getattr(model, "_jax_state_synced", True):
-            return False  # the Variables hold the state (epoch start, or another callback synced)
-        state = getattr(model, "_jax_state", None) or {}
-        pairs = []
-        for key, variables in self.groups:
-            values = state.get(key)
-            if values is None:
-                if variables:
-                    return False
-                continue
-            if len(values) != len(variables):
-                return False
-            pairs += zip(variables, values, strict=True)
-        for variable, value in pairs:
-            if variable is self.rate:
-                value = self.device_rate(step, value)
-            variable._value = value
-        model._jax_state_synced = True
-        return True
-
-    def device_rate(self, step: int, like):
-        """The rate of `step` as a device scalar with the dtype and sharding of `like`."""
-        first = step - step % self.CHUNK
-        if first != self.first:
-            rates = np.array([self.rate_of(t) for t in range(first, first + self.CHUNK)], dtype=like.dtype)
-            self.first, self.rates = first, _jax_splitter(self.CHUNK, like.sharding)(rates)
-        return self.rates[step - first]
-
-
-_JAX_SPLITTERS: dict = {}
-
-
-def _jax_splitter(size: int, sharding):
-    """A compiled function: `size` values -> `size` device scalars placed like `sharding` (one per
-    process and placement, so that each fit does not compile it again)."""
-    key = (size, sharding)
-    if key not in _JAX_SPLITTERS:
-        import jax
-
-        _JAX_SPLITTERS[key] = jax.jit(
-            lambda values: tuple(values[i] for i in range(size)), out_shardings=(sharding,) * size
-        )
-    return _JAX_SPLITTERS[key]
 
 
 def _writable_ancestor(path: Path) -> Path | None:
@@ -205,6 +109,31 @@ class SnapshotCallback(keras.callbacks.Callback):
 
     Each cycle must be long enough for the model to settle into a minimum: if the
     ensemble disappoints, try fewer, longer cycles first.
+
+    Next to other callbacks (Keras gives a callback no public view of the others, so
+    the callback finds the list `fit` is calling it from, `CallbackList.callbacks`,
+    in its caller's frame through `keras_internals.sibling_callbacks`, and also
+    checks effects, which need no such view):
+
+    - Put SnapshotCallback FIRST in `callbacks=[...]`. It adds `learning_rate` to the
+      epoch logs in `on_epoch_end`; loggers before it (CSVLogger, TensorBoard) have
+      already written their row by then. A logger found before it gets a warning.
+    - Callbacks that set the learning rate are refused: `LearningRateScheduler` and
+      `ReduceLROnPlateau` (or a second SnapshotCallback) in the same `fit` raise a
+      ValueError at train begin, since SnapshotCallback sets the rate of every
+      batch and theirs would silently have no effect. Any other callback that
+      changes the rate is caught by its effect: at the first batch of every epoch
+      the rate must still be the one SnapshotCallback set last, else RuntimeError
+      naming the callbacks that may have done it.
+    - A run stopped before the last cycle ends (`EarlyStopping`, `TerminateOnNaN`:
+      anything that sets `model.stop_training`) gets a RuntimeWarning at train end
+      with the snapshots taken and the step reached; `build_ensemble` works on the
+      snapshots taken.
+
+    Steps are counted from the optimizer's `iterations`: with `steps_per_execution`
+    k > 1 it is read after every execution (the batch index Keras passes to the
+    hooks differs between Keras releases); with k = 1 each batch hook counts one
+    step and the count is checked against `iterations` at every epoch end.
 
     Args:
         directory: where snapshots and the manifest go; created if missing.
@@ -293,13 +222,30 @@ class SnapshotCallback(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------ set-up
     def _optimizer_schedule(self):
+        """The optimizer's learning rate as compiled: a `keras.Variable` (a float rate), a
+        `SnapshotSchedule`, or something else (another schedule or callable: its description).
+
+        Read from the optimizer's public config: the `learning_rate` property gives a schedule's
+        current value, not the schedule."""
         optimizer = self.model.optimizer
         if optimizer is None:
             raise ValueError(
                 "SnapshotCallback needs a compiled model: call `model.compile(optimizer=...)` first."
             )
         inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
-        return getattr(inner, "_learning_rate", None)
+        rate = inner.learning_rate
+        if isinstance(rate, keras.Variable):
+            return rate
+        config = inner.get_config().get("learning_rate")
+        if isinstance(config, dict) and config.get("class_name") == SnapshotSchedule.__name__:
+            try:
+                schedule = keras.saving.deserialize_keras_object(config)
+            except Exception:  # a same-named class of another package
+                schedule = None
+            if isinstance(schedule, SnapshotSchedule):
+                return schedule
+        name = config.get("class_name") if isinstance(config, dict) else type(config).__name__
+        return f"{name} ({config!r})" if not isinstance(config, dict) else f"{name} ({config.get('config')})"
 
     def _resolve_run(self) -> None:
         """Fixes T, alpha0 and the path (callback or in-graph) for this `fit` call."""
@@ -333,11 +279,9 @@ class SnapshotCallback(keras.callbacks.Callback):
                 )
             alpha0 = schedule.initial_learning_rate
         else:
-            if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule) or (
-                callable(schedule) and not isinstance(schedule, keras.Variable)
-            ):
+            if not isinstance(schedule, keras.Variable):
                 raise TypeError(
-                    f"The optimizer was compiled with the learning rate schedule {schedule!r}, which the "
+                    f"The optimizer was compiled with the learning rate schedule {schedule}, which the "
                     "callback cannot override. Compile with a float learning rate (callback path) or with "
                     "keras_snapshot.SnapshotSchedule(...) (in-graph path)."
                 )
@@ -447,43 +391,62 @@ class SnapshotCallback(keras.callbacks.Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, logs=None):
         self._resolve_run()
+        self._siblings = keras_internals.sibling_callbacks(self)
+        self._check_siblings()
         self._prepare_directory()
         model = self.model
-        if self._sets_rate and _JaxRateSetter.applies(model):
-            self._jax_rates = _JaxRateSetter(model, self._rate)
+        self._assigner = keras_internals.RateAssigner()
+        self._iterations = keras_internals.IterationsReader()
+        self._execution = int(getattr(model, "steps_per_execution", 1) or 1)
+        if self._sets_rate and keras_internals.JaxRateSetter.applies(model):
+            self._jax_rates = keras_internals.JaxRateSetter(model, self._rate)
         else:
             self._jax_rates = None
         self._step = None  # read from the optimizer at the first batch, after any restore
         self._epoch = 0
-        self._last_batch = -1
+        self._epoch_batches = 0  # batch hooks seen in this epoch
+        self._assigned = None  # the rate this callback set last, in this fit
         self._deferred = None
         self._warned_past_end = False
+        self._warned_count = False
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
-        self._last_batch = -1
+        self._epoch_batches = 0
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._step is None:
             self._start_counting()
-        if self._sets_rate:
-            step = self._step + 1
-            if self._jax_rates is not None and self._jax_rates.set(self._model, step):
+        if not self._sets_rate:
+            return
+        if self._epoch_batches == 0 and self._assigned is not None:
+            self._check_rate_kept()
+        step = self._step + 1
+        self._assigned = self._rate(step)
+        if self._jax_rates is not None:
+            model = keras_internals.unsynced_model(self)
+            if model is not None and self._jax_rates.set(model, step):
                 return
-            # JAX: reach the optimizer through `self.model` (that property syncs the trainer's state;
-            # an assignment to a cached optimizer would be ignored).
-            _assign_learning_rate(self.model.optimizer, self._rate(step))
+        # JAX: reach the optimizer through `self.model` (that property syncs the trainer's state;
+        # an assignment to a cached optimizer would be ignored).
+        self._assigner.assign(self.model.optimizer, self._assigned)
 
     def on_train_batch_end(self, batch, logs=None):
         if self._step is None:  # a subclass or hook order skipped batch_begin
             self._start_counting()
-        # With steps_per_execution = k one hook call covers several steps. Keras reports an epoch's
-        # short last execution as a full one (3 steps, k = 2: batch ends 1, then 3): clamp to the epoch.
-        steps = (self.params or {}).get("steps")
-        if steps:
-            batch = min(batch, steps - 1)
-        self._step += batch - self._last_batch
-        self._last_batch = batch
+        self._epoch_batches += 1
+        if self._execution > 1:
+            # One hook for several steps, and the batch index Keras passes is the execution's first
+            # step on Keras 3.10, its last on 3.11+: the optimizer's count is right on all.
+            self._step = self._iterations.read(self)
+        else:
+            # One hook per step: counting is free, and is checked against optimizer.iterations at
+            # every epoch end (where reading it costs no state sync).
+            self._step += 1
+        if self._jax_rates is not None and self._jax_rates.pending is not None:
+            model = keras_internals.unsynced_model(self)
+            if model is not None:
+                self._jax_rates.verify(model)
         if self._step > self._total and not self._warned_past_end:
             self._warned_past_end = True
             warnings.warn(
@@ -496,7 +459,7 @@ class SnapshotCallback(keras.callbacks.Callback):
             )
         for cycle in self._due_cycles():
             end = self._cycle_ends[cycle - 1]
-            if end == self._step and self._is_last_batch_of_epoch(batch):
+            if end == self._step and self._is_last_batch_of_epoch():
                 self._deferred = cycle  # written in on_epoch_end, with the validation metrics
             elif end == self._step:
                 self._snapshot(cycle, logs)
@@ -511,6 +474,8 @@ class SnapshotCallback(keras.callbacks.Callback):
                 self._done_cycles.add(cycle)
 
     def on_epoch_end(self, epoch, logs=None):
+        if self._step is not None and self._execution == 1:
+            self._check_step_count()
         if self._step and logs is not None:
             logs["learning_rate"] = self._rate(self._step)
         if self._deferred is not None:
@@ -525,15 +490,112 @@ class SnapshotCallback(keras.callbacks.Callback):
         if self._deferred is not None:  # training stopped between the last batch and epoch end
             cycle, self._deferred = self._deferred, None
             self._snapshot(cycle, logs)
+        self._warn_if_stopped_early()
         self._step = None
+
+    # ------------------------------------------------------------------ other callbacks
+    def _check_siblings(self) -> None:
+        """Refuses callbacks known to set the learning rate; warns about loggers placed before this
+        callback, which write their epoch row before `learning_rate` is in the logs."""
+        if not self._siblings:
+            return
+        setters = [
+            c
+            for c in self._siblings
+            if isinstance(c, _RATE_SETTERS) or (isinstance(c, SnapshotCallback) and c is not self)
+        ]
+        if setters:
+            names = ", ".join(type(c).__name__ for c in setters)
+            what = (
+                "sets the learning rate of every batch itself"
+                if self._sets_rate
+                else "runs with an optimizer compiled with a SnapshotSchedule, which refuses other rates"
+            )
+            raise ValueError(
+                f"{names} in the same fit as SnapshotCallback: SnapshotCallback {what}, so {names} would "
+                "have no effect (or fail), and the schedule would not be the one you set. Remove "
+                f"{names}: the snapshot schedule is the learning rate schedule of this run."
+            )
+        position = next(i for i, c in enumerate(self._siblings) if c is self)
+        loggers = [type(c).__name__ for c in self._siblings[:position] if isinstance(c, _LOGGERS)]
+        if loggers:
+            warnings.warn(
+                f"{', '.join(loggers)} comes before SnapshotCallback in callbacks=[...], so its epoch logs "
+                "will not hold `learning_rate` (SnapshotCallback adds it at epoch end). Put "
+                "SnapshotCallback first in the list.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _check_rate_kept(self) -> None:
+        """At an epoch's first batch: the rate must still be the one this callback set last.
+
+        Another callback that sets the rate (in on_epoch_begin/end, or in batch hooks after this
+        one) shows here; once per epoch the Variables hold the state, so reading is cheap."""
+        variable = self.model.optimizer.learning_rate
+        current = float(np.asarray(keras.ops.convert_to_numpy(variable)).reshape(()))
+        expected = float(np.asarray(self._assigned, dtype=keras.backend.standardize_dtype(variable.dtype)))
+        if current == expected:
+            return
+        if self._siblings:
+            others = [
+                type(c).__name__ for c in self._siblings if c is not self and not isinstance(c, _PASSIVE)
+            ]
+            suspects = f"one of {others}" if others else "another callback"
+        else:
+            suspects = "another callback (LearningRateScheduler, ReduceLROnPlateau or one of your own)"
+        raise RuntimeError(
+            f"The learning rate changed between two batches: SnapshotCallback set {expected} for step "
+            f"{self._step}, and at the start of epoch {self._epoch + 1} it is {current}. It was changed by "
+            f"{suspects}. SnapshotCallback sets the rate of every batch, so that callback either has no "
+            "effect or makes the schedule wrong: remove it from callbacks=[...]."
+        )
+
+    def _check_step_count(self) -> None:
+        """One batch hook per step: the count must equal the optimizer's iterations."""
+        iterations = int(np.asarray(keras.ops.convert_to_numpy(self.model.optimizer.iterations)))
+        if iterations == self._step:
+            return
+        if not self._warned_count:
+            self._warned_count = True
+            warnings.warn(
+                f"SnapshotCallback counted step {self._step} but optimizer.iterations is {iterations} at the "
+                f"end of epoch {self._epoch + 1}: some batches did not count as optimizer steps (a "
+                "LossScaleOptimizer skips steps with non-finite gradients) or batch hooks did not run once "
+                "per step. The schedule follows optimizer.iterations from here on; the rates of this epoch "
+                f"were off by up to {abs(iterations - self._step)} steps.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._step = iterations
+
+    def _warn_if_stopped_early(self) -> None:
+        last = self._cycle_ends[-1]
+        if not getattr(self.model, "stop_training", False) or self._step >= last:
+            return
+        taken = sorted(cycle for cycle in self._done_cycles if self._cycle_ends[cycle - 1] <= self._step)
+        stoppers = [type(c).__name__ for c in self._siblings or () if isinstance(c, _STOPPERS)]
+        by = f" by {', '.join(stoppers)}" if stoppers else " by a callback"
+        warnings.warn(
+            f"Training was stopped{by} at step {self._step} of {self._total}, before the last cycle ended "
+            f"(step {last}): {len(taken)} of the {self.cycles} snapshots were taken"
+            + (f" (cycles {taken})" if taken else "")
+            + ". build_ensemble works on the snapshots taken. Stopping early defeats the schedule: the "
+            "rate restarts high at every cycle, so a pause in progress does not mean the end. Remove "
+            "EarlyStopping, or set total_steps (or epochs) to the run you mean and let it finish.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     # ------------------------------------------------------------------ internals
     def _rate(self, t: int) -> float:
         return cosine_rate((t - 1) % self._cycle_length, self._cycle_length, self._alpha0)
 
-    def _is_last_batch_of_epoch(self, batch: int) -> bool:
+    def _is_last_batch_of_epoch(self) -> bool:
+        """Whether the batch hook just seen ends the epoch: an epoch of S steps runs ceil(S/k)
+        executions of k steps (hook calls), the last one possibly shorter."""
         steps = (self.params or {}).get("steps")
-        return bool(steps) and batch + 1 == steps
+        return bool(steps) and self._epoch_batches == -(-steps // self._execution)
 
     def _start_counting(self) -> None:
         """Reads the global step once per fit: after on_train_begin, so after any restore."""
@@ -574,7 +636,7 @@ class SnapshotCallback(keras.callbacks.Callback):
     def _save_model(self, path: str) -> None:
         """Writes the whole model (architecture, weights, optimizer state) to `path`."""
         model = self.model
-        if keras.backend.backend() == "jax" and _jax_process_count() > 1:
+        if keras.backend.backend() == "jax" and keras_internals.jax_process_count() > 1:
             # Keras's saving builds reference objects (an Optimizer, with variables). Under a
             # multi-process distribution every variable creation is a collective that the other
             # processes, which do not write, never join: the chief alone would hang or fail. The

@@ -23,6 +23,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from keras_snapshot import keras_internals
+
 # Activations that act element by element, so they may run on any layout. Any other activation
 # (softmax, log_softmax, a custom one) acts on the last axis and runs on the member layout.
 _ELEMENTWISE_ACTIVATIONS = frozenset(
@@ -118,6 +120,11 @@ class FusionError(ValueError):
     """The members cannot be fused; the message says which layer and why."""
 
 
+class FusionUnavailable(FusionError):
+    """This Keras release changed the graph internals fusion walks (see `keras_internals`): no
+    members can be fused, and the branch graph (fuse=False) is the correct fallback."""
+
+
 def _static(tensor) -> tuple[int, ...]:
     """The shape less the batch axis; moving the member axis needs it known before run time."""
     shape = tuple(tensor.shape[1:])
@@ -145,7 +152,7 @@ class _T:
 # ------------------------------------------------------------------------------------- structure
 def _functional(model):
     if isinstance(model, keras.Sequential):
-        functional = getattr(model, "_functional", None)
+        functional = keras_internals.sequential_graph(model)
         if functional is None:
             raise FusionError(f"Sequential model {model.name!r} has no Input: it cannot be fused.")
         return functional
@@ -177,18 +184,15 @@ def _signature(model) -> list:
             signature.append((type(op).__name__, _signature(op)))
         else:
             signature.append((type(op).__name__, repr(_config(op)), [tuple(w.shape) for w in op.weights]))
-    for depth in sorted(functional._nodes_by_depth, reverse=True):
-        for node in functional._nodes_by_depth[depth]:
+    nodes = keras_internals.nodes_by_depth(functional)
+    for depth in sorted(nodes, reverse=True):
+        for node in nodes[depth]:
             if node.operation is None or node.is_input:
                 continue
-            wiring = [
-                (
-                    index.get(id(t._keras_history.operation)),
-                    t._keras_history.node_index,
-                    t._keras_history.tensor_index,
-                )
-                for t in node.input_tensors
-            ]
+            wiring = []
+            for t in node.input_tensors:
+                operation, node_index, tensor_index = keras_internals.tensor_history(t)
+                wiring.append((index.get(id(operation)), node_index, tensor_index))
             signature.append((index.get(id(node.operation)), wiring))
     return signature
 
@@ -293,7 +297,7 @@ class _Fuser:
         """Runs `model`'s graph on fused tensors `inputs` (a structure of _T)."""
         functional = _functional(model)
         flat = keras.tree.flatten(inputs) if not isinstance(inputs, _T) else [inputs]
-        return functional._run_through_graph(flat, operation_fn=lambda op: op, call_fn=self.call)
+        return keras_internals.run_graph(functional, flat, self.call)
 
     def call(self, op, *args, **kwargs):
         tensors = [a for a in keras.tree.flatten((args, kwargs)) if isinstance(a, _T)]
@@ -331,7 +335,10 @@ class _Fuser:
     def placeholder(self, op):
         """Stands for the outputs of a layer that could not be fused, so that the walk goes on and
         one error message names every such layer."""
-        count = len(op._inbound_nodes[0].outputs) if op._inbound_nodes else 1
+        try:
+            count = len(keras.tree.flatten(op.output))  # the outputs of the op's first call
+        except (AttributeError, ValueError):  # never called
+            count = 1
         return _T(None, BROKEN) if count == 1 else [_T(None, BROKEN) for _ in range(count)]
 
     def identical(self, op) -> bool:
@@ -526,6 +533,23 @@ def fuse_members(models, labels, inputs, keys, weights, activations) -> dict:
     members' output keys, `weights` one normalised weight per member, `activations`
     {key: activation name or None} applied to each member output before averaging.
     """
+    reason = keras_internals.fusion_supported()
+    if reason is not None:
+        raise FusionUnavailable(_unavailable(reason))
+    try:
+        return _fuse(models, labels, inputs, keys, weights, activations)
+    except keras_internals.KerasInternalsError as error:
+        raise FusionUnavailable(_unavailable(str(error))) from error
+
+
+def _unavailable(reason: str) -> str:
+    return (
+        f"Fusion relies on Keras graph internals that Keras {keras.version()} changed ({reason}); "
+        "build the ensemble with fuse=False (the branch graph gives the same predictions)."
+    )
+
+
+def _fuse(models, labels, inputs, keys, weights, activations) -> dict:
     # The combined outputs carry the members' output names, so no other layer may take them.
     fuser = _Fuser(models, labels, taken=[x.name for x in keras.tree.flatten(inputs)] + keys)
     flat_inputs = [_T(x, SHARED) for x in keras.tree.flatten(inputs)]
