@@ -526,18 +526,20 @@ class _Fuser:
         return _T(x, STACKED)
 
 
-def fuse_members(models, labels, inputs, keys, weights, activations) -> dict:
+def fuse_members(models, labels, inputs, keys, weights, activations, member_stacks=None) -> dict:
     """{output key: the weighted mean of `models`' outputs}, computed with stacked layers.
 
     `inputs` are the ensemble's fresh `keras.Input`s (the members' structure), `keys` the
     members' output keys, `weights` one normalised weight per member, `activations`
     {key: activation name or None} applied to each member output before averaging.
+    `member_stacks`, if a dict, receives {key: the members' activated outputs, (B, M, ...)}
+    (for uncertainty outputs); keys whose output every member computes alike are left out.
     """
     reason = keras_internals.fusion_supported()
     if reason is not None:
         raise FusionUnavailable(_unavailable(reason))
     try:
-        return _fuse(models, labels, inputs, keys, weights, activations)
+        return _fuse(models, labels, inputs, keys, weights, activations, member_stacks)
     except keras_internals.KerasInternalsError as error:
         raise FusionUnavailable(_unavailable(str(error))) from error
 
@@ -549,7 +551,7 @@ def _unavailable(reason: str) -> str:
     )
 
 
-def _fuse(models, labels, inputs, keys, weights, activations) -> dict:
+def _fuse(models, labels, inputs, keys, weights, activations, member_stacks=None) -> dict:
     # The combined outputs carry the members' output names, so no other layer may take them.
     fuser = _Fuser(models, labels, taken=[x.name for x in keras.tree.flatten(inputs)] + keys)
     flat_inputs = [_T(x, SHARED) for x in keras.tree.flatten(inputs)]
@@ -573,6 +575,8 @@ def _fuse(models, labels, inputs, keys, weights, activations) -> dict:
         if activation:
             t = fuser.activate(fuser.to_member(t), activation, f"{key}_members")
         t = fuser.to_member(t)
+        if member_stacks is not None:
+            member_stacks[key] = t.tensor
         extra = "bcdefghjkl"[: len(t.tensor.shape) - 2]
         mean = keras.layers.EinsumDense(
             f"am{extra},m->a{extra}",
