@@ -141,3 +141,13 @@ def test_help_runs_without_a_backend(script):
     )
     assert proc.returncode == 0, proc.stderr
     assert "--quick" in proc.stdout and "--backends" in proc.stdout
+
+
+def test_every_committed_result_names_its_command():
+    """results/ keeps the latest run per question and the GPU runs, each with the command that made it."""
+    reports = sorted((BENCHMARKS / "results").glob("*.md"))
+    assert reports
+    for report in reports:
+        text = report.read_text()
+        assert re.search(r"^Command: `[^`]*python benchmarks/\w+\.py[^`]*`", text, re.MULTILINE), report
+        assert report.with_suffix(".json").is_file(), f"{report.name} has no JSON record"
