@@ -1,0 +1,167 @@
+"""distill: a student trained on the snapshot ensemble's probabilities, with and without labels, on real digits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from conftest import make_digits_model
+
+import keras_snapshot
+from keras_snapshot import build_ensemble
+from keras_snapshot.distill import distill, soften
+
+
+def predict(model, x):
+    return keras.ops.convert_to_numpy(model(x, training=False)).astype("float64")
+
+
+def kl(teacher, student):
+    """Mean KL(teacher || student) over rows (T = 1)."""
+    t = np.clip(teacher, 1e-7, 1)
+    return float(np.mean(np.sum(t * (np.log(t) - np.log(np.clip(student, 1e-7, 1))), axis=-1)))
+
+
+@pytest.fixture(scope="module")
+def teacher(digits_run, digits):
+    """(snapshot directory, the ensemble's probabilities on the training and on the test inputs)."""
+    x, _, x_test, _ = digits
+    ensemble = build_ensemble(digits_run[0])
+    return digits_run[0], predict(ensemble, x), predict(ensemble, x_test)
+
+
+def test_unlabeled_student_approaches_the_teacher(teacher, digits):
+    directory, p_train, p_test = teacher
+    x, _, x_test, _ = digits
+    student = make_digits_model(seed=7)  # compiled with SGD: distill keeps its optimizer
+    before = kl(p_train, predict(student, x))
+    returned = distill(directory, x, student=student, epochs=8, temperature=2.0, verbose=0)
+    assert returned is student
+    after = kl(p_train, predict(student, x))
+    agreement = float(np.mean(predict(student, x_test).argmax(-1) == p_test.argmax(-1)))
+    print(f"KL to the teacher on x: {before:.3f} -> {after:.3f}; held-out top-1 agreement {agreement:.3f}")
+    assert after < 0.5 * before
+    assert agreement > 0.8  # chance: 0.1
+    history = student.history.history
+    assert set(history) >= {"loss", "teacher_agreement"} and history["loss"][-1] < history["loss"][0]
+
+
+def test_default_student_with_labels(teacher, digits, tmp_path):
+    directory, _, p_test = teacher
+    x, y, x_test, y_test = digits
+    snapshots = tmp_path / "student_snapshots"
+    student = distill(
+        directory,
+        x,
+        y=y,
+        alpha=0.3,
+        validation_data=(x_test, y_test),
+        epochs=6,
+        optimizer=keras.optimizers.Adam(0.01),
+        callbacks=[keras_snapshot.SnapshotCallback(snapshots, cycles=2, initial_learning_rate=0.01)],
+        verbose=0,
+    )
+    # A fresh copy of one member: one member's cost.
+    member = keras.saving.load_model(directory / "snapshot-01.keras", compile=False)
+    assert student.count_params() == member.count_params()
+    assert set(student.history.history) >= {"val_loss", "val_teacher_agreement"}
+    _, accuracy = student.evaluate(x_test, y_test, verbose=0)  # re-compiled: sparse CE + accuracy
+    agreement = float(np.mean(predict(student, x_test).argmax(-1) == p_test.argmax(-1)))
+    print(f"labelled student: test accuracy {accuracy:.3f}, agreement {agreement:.3f}")
+    assert accuracy > 0.8 and agreement > 0.8
+    # Callbacks ran on the student: its snapshots make an ensemble.
+    assert sorted(p.name for p in snapshots.glob("*.keras")) == ["snapshot-01.keras", "snapshot-02.keras"]
+    assert build_ensemble(snapshots).predict(x_test[:4], verbose=0).shape == (4, 10)
+
+
+def test_student_reloads_without_keras_snapshot(teacher, digits, tmp_path):
+    directory, _, _ = teacher
+    x, y, x_test, _ = digits
+    ensemble = build_ensemble(directory)  # a built ensemble as the teacher
+    student = distill(ensemble, x[:512], y=y[:512], epochs=1, verbose=0)
+    assert ensemble.name == "snapshot_ensemble"  # the teacher keeps its name
+    path = tmp_path / "student.keras"
+    student.save(path)
+    np.save(tmp_path / "x.npy", x_test[:16])
+    np.save(tmp_path / "expected.npy", predict(student, x_test[:16]))
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["keras_snapshot"] = None  # any import of the package fails
+        import keras, numpy as np
+        model = keras.saving.load_model({str(path)!r})
+        assert model.compiled and model.optimizer is not None
+        got = keras.ops.convert_to_numpy(model(np.load({str(tmp_path / "x.npy")!r}), training=False))
+        np.testing.assert_allclose(got, np.load({str(tmp_path / "expected.npy")!r}), atol=1e-5)
+        print("reloaded", type(model.loss).__name__ if not isinstance(model.loss, str) else model.loss)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env={**os.environ}
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "reloaded" in proc.stdout
+
+
+def test_logit_members_need_output_activation(digits, tmp_path):
+    x = digits[0][:256]
+    paths = []
+    for seed in (1, 2):
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input((64,), name="pixels")
+        model = keras.Model(inputs, keras.layers.Dense(10)(inputs))  # logits
+        paths.append(tmp_path / f"m{seed}.keras")
+        model.save(paths[-1])
+    with pytest.raises(ValueError, match="output_activation='softmax'"):
+        distill(paths, x, epochs=1, verbose=0)
+    student = distill(paths, x, epochs=1, output_activation="softmax", verbose=0)
+    np.testing.assert_allclose(predict(student, x[:8]).sum(-1), 1.0, atol=1e-5)
+
+
+def test_soften_is_tempered_softmax():
+    p = np.array([[0.7, 0.2, 0.1]])
+    expected = np.exp(np.log(p) / 2) / np.exp(np.log(p) / 2).sum()
+    np.testing.assert_allclose(soften(p, 2.0), expected)
+    np.testing.assert_allclose(soften(np.array([[0.8]]), 1.0), [[0.2, 0.8]])
+
+
+class _Batches(keras.utils.PyDataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        return np.zeros((4, 64), "float32")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"alpha": 1.5}, ValueError, "alpha"),
+        ({"epochs": 0}, ValueError, "epochs"),
+        ({"x": np.zeros((8, 63), "float32")}, ValueError, "expects"),
+        ({"x": _Batches()}, TypeError, "in-memory arrays"),
+        ({"y": np.zeros(7, "int32")}, ValueError, "rows"),
+        ({"y": np.full(8, 10)}, ValueError, "class indices"),
+        ({"validation_data": np.zeros((4, 64), "float32"), "y": np.zeros(8, "int32")}, ValueError, "y_val"),
+        ({"student": "student"}, TypeError, "student"),
+        ({"last": 9}, ValueError, "last"),
+    ],
+)
+def test_bad_arguments_fail_before_training(teacher, kwargs, error, match):
+    directory = teacher[0]
+    arguments = {"x": np.zeros((8, 64), "float32"), "epochs": 1, "verbose": 0, **kwargs}
+    with pytest.raises(error, match=match):
+        distill(directory, **arguments)
+
+
+def test_student_with_other_outputs_refused(teacher):
+    inputs = keras.Input((64,), name="pixels")
+    student = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
+    with pytest.raises(ValueError, match="same classes"):
+        distill(teacher[0], np.zeros((8, 64), "float32"), student=student, verbose=0)
