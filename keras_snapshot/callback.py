@@ -236,7 +236,10 @@ class SnapshotCallback(keras.callbacks.Callback):
         rate = inner.learning_rate
         if isinstance(rate, keras.Variable):
             return rate
-        config = inner.get_config().get("learning_rate")
+        try:
+            config = inner.get_config().get("learning_rate")
+        except Exception as error:  # e.g. a custom schedule without get_config
+            return f"whose config cannot be read ({error})"
         if isinstance(config, dict) and config.get("class_name") == SnapshotSchedule.__name__:
             try:
                 schedule = keras.saving.deserialize_keras_object(config)

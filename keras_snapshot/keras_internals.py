@@ -224,7 +224,11 @@ class JaxRateSetter:
             setattr(variable, JAX_VARIABLE_VALUE, value)
         if not self.checked:
             # First use: Keras's trainer reads `variable.value`; it must be what was put in.
-            if self.rate.value is not rate_value:
+            try:
+                taken = self.rate.value is rate_value
+            except Exception:  # a purged or relocated value can fail in any way
+                taken = False
+            if not taken:
                 return self._disable(f"Variable.value does not return Variable.{JAX_VARIABLE_VALUE}")
             self.checked = True
             self.pending = (step, float(np.asarray(rate_value)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import warnings
 
 import keras
 import numpy as np
@@ -370,3 +371,57 @@ def test_corrupt_manifest_is_reported_not_overwritten(tmp_path):
     (directory / "manifest.json").write_text("{not json")
     fit_fails_before_training(small_model(), SnapshotCallback(directory, cycles=2), "not valid JSON")
     assert (directory / "manifest.json").read_text() == "{not json"
+
+
+class FirstStepIndexCallback(SnapshotCallback):
+    """Hooks as Keras 3.10 calls them with steps_per_execution = k > 1: the batch index passed to
+    on_train_batch_end is the execution's FIRST step (3.11+ pass its last)."""
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.first_index = batch
+        super().on_train_batch_begin(batch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(self.first_index, logs)
+
+
+def test_steps_come_from_the_optimizer_not_the_hook_batch_index(tmp_path):
+    # T = 56, M = 5, k = 4 (as the in-graph test): counting from batch indices fell behind on
+    # Keras 3.10 and skipped cycle snapshots; optimizer.iterations is right on every release.
+    if BACKEND == "torch":
+        pytest.skip("the torch backend refuses steps_per_execution > 1")
+    steps, epochs, cycles = 8, 7, 5
+    x, y = one_hot_data(steps)
+    model = one_weight_per_step_model(steps, SnapshotSchedule(0.2, total_steps=56, cycles=cycles), 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "cycle ... cannot be taken"
+        model.fit(
+            x,
+            y,
+            batch_size=1,
+            epochs=epochs,
+            shuffle=False,
+            verbose=0,
+            callbacks=[FirstStepIndexCallback(tmp_path / "s", cycles=cycles)],
+        )
+    manifest = keras_snapshot.read_manifest(tmp_path / "s")
+    assert [e["step"] for e in manifest["snapshots"]] == [12, 24, 36, 48, 56]
+    # Cycles ending on an epoch end are written there, with the epoch's logs.
+    assert [e["epoch"] for e in manifest["snapshots"]] == [2, 3, 5, 6, 7]
+
+
+def test_step_count_is_checked_against_the_optimizer_at_epoch_end(tmp_path):
+    # Callback path: one batch hook per step, counted, and equal to optimizer.iterations after
+    # every batch (checked here by a probe after the callback) and at every epoch end.
+    seen = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append((snapshot._step, int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))))
+
+    snapshot = SnapshotCallback(tmp_path / "s", cycles=4, initial_learning_rate=0.2)
+    x, y = one_hot_data(10)
+    one_weight_per_step_model(10, 0.5).fit(
+        x, y, batch_size=1, epochs=3, verbose=0, callbacks=[snapshot, Probe()]
+    )
+    assert [counted for counted, _ in seen] == [iterations for _, iterations in seen] == list(range(1, 31))

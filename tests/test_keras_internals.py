@@ -126,7 +126,10 @@ def test_jax_trainer_that_ignores_the_rate_fails_loudly(tmp_path, monkeypatch):
     # A release whose trainer keeps its own state although the flag reads "synced": the checks before
     # the step pass, and the one after it sees that the rate was not taken.
     model = one_weight_per_step_model(10, 0.5)
-    model._sync_flag_keras_ignores = False
+    flag = property(
+        lambda self: self._jax_state_synced, lambda self, value: None
+    )  # reads Keras's, writes nowhere
+    monkeypatch.setattr(type(model), "_sync_flag_keras_ignores", flag, raising=False)
     monkeypatch.setattr(keras_internals, "JAX_STATE_SYNCED", "_sync_flag_keras_ignores")
     with pytest.raises(KerasInternalsError, match="did not take the learning rate"):
         fit_callback_path(tmp_path / "s", model)
