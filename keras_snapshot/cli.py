@@ -1,41 +1,158 @@
-"""The `keras-snapshot` command line: info, build, export and evaluate a snapshot directory.
+"""The `keras-snapshot` command line: inspect, build, export, evaluate, distil and average snapshots.
 
     keras-snapshot info DIR
     keras-snapshot build DIR -o ensemble.keras [--last M] [--output-activation softmax] [--fuse]
-    keras-snapshot export ensemble.keras SERVING_DIR [--version N] [--member-outputs]
-    keras-snapshot evaluate DIR --data test.npz [--x x] [--y y]
+    keras-snapshot export ensemble.keras SERVING_DIR [--version N] [--member-outputs] [--overwrite]
+    keras-snapshot evaluate DIR --data test.npz [--x NAME ...] [--y NAME] [--last M]
+                            [--temperature T|fit --validation-data val.npz] [--bins 15]
+    keras-snapshot distill DIR --data train.npz -o student.keras [--y NAME] [--epochs N] ...
+    keras-snapshot average DIR --bn-data train.npz -o averaged.keras [--validation-data val.npz]
 
-User errors (bad paths, bad data, out-of-range options) end with one line on stderr and exit
-status 1 (2 for bad command-line syntax), without a traceback.
+`--help` (and `info`) never import Keras, TensorFlow or numpy: each sub-command imports what it
+needs when it runs. TensorFlow's C++ start-up logging is turned down (TF_CPP_MIN_LOG_LEVEL=2 unless
+set) and its Python logging to errors, so the output holds the command's own lines.
+
+Errors. A failing command ends in one of two ways:
+
+- a problem with the user's input (a path, a data file, an option value, a file that does not
+  load, with its cause) prints one line, `keras-snapshot: error: ...`, on stderr and exits with 1;
+  bad command-line syntax exits with 2 (argparse);
+- anything else, an unexpected exception inside keras-snapshot, Keras or TensorFlow, prints the
+  full traceback followed by one line saying it is a bug to report, and exits with 1. A traceback
+  is what a bug report needs, so it is shown without asking.
+
+`--traceback` (accepted before or after the sub-command) prints the traceback of user errors too,
+e.g. to see the Keras error behind a file that does not load.
+
+Which is which (`_is_user_error`): the CLI's own checks raise `UserError`; otherwise an exception
+counts as a user error when keras-snapshot's own argument and data checks raised it, i.e. the last
+frame of its traceback is a `raise` statement in a keras_snapshot module (not keras_internals,
+whose errors mean Keras's internals changed) and it is a ValueError, TypeError, OSError or
+RuntimeError. The library raises exactly these types, with a clear message, for bad input, and
+re-raises load failures with their cause (`members.load_model`). An exception raised deeper, inside
+Keras, TensorFlow or numpy, or a KeyError/AttributeError/... anywhere, was not anticipated by a
+check, so its message alone would not help: it shows the traceback. One more case is the user's:
+an OSError carrying a file name (permission denied, disk full, a missing file), whoever raised it.
+Messages of library errors are put in command-line terms (`last=None` becomes "no --last"); the
+options are also checked up front, before anything is loaded, so most errors are the CLI's own.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 __all__ = ["main"]
 
 PROG = "keras-snapshot"
 _REEXEC_FLAG = "KERAS_SNAPSHOT_EXPORT_REEXEC"
+_PACKAGE = Path(__file__).resolve().parent
 
 
 class UserError(Exception):
     """A problem with the user's paths, data or options: reported in one line."""
 
 
+# ---------------------------------------------------------------------------------------- errors
+def _is_user_error(error: BaseException) -> bool:
+    """True for errors in the user's input, False for unexpected ones (see the module docstring)."""
+    if isinstance(error, UserError):
+        return True
+    if isinstance(error, OSError) and error.filename is not None:
+        return True  # the file system refused: permissions, a full disk, a missing file
+    if not isinstance(error, (ValueError, TypeError, OSError, RuntimeError)):
+        return False
+    if type(error).__module__ == "keras_snapshot.keras_internals":
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return False
+    last = frames[-1]
+    source = Path(last.filename).resolve()
+    if source.parent != _PACKAGE or source.name == "keras_internals.py":
+        return False
+    return (last.line or "").lstrip().startswith("raise ")
+
+
+# The library's Python-API words for the options this CLI passes, and their command-line names.
+_FLAGS = {"overwrite": "--overwrite", "member_outputs": "--member-outputs", "fuse": "--fuse"}
+_OPTIONS = {
+    "last": "--last",
+    "version": "--version",
+    "output_activation": "--output-activation",
+    "temperature": "--temperature",
+    "alpha": "--alpha",
+    "epochs": "--epochs",
+    "batch_size": "--batch-size",
+    "bins": "--bins",
+    "validation_data": "--validation-data",
+    "bn_data": "--bn-data",
+}
+
+
+def _cli_terms(message: str) -> str:
+    """`last=None`, `overwrite=True`, `safe_mode=False`, ... in the library's messages, as options."""
+    message = re.sub(r"\bsafe_mode=False\b", "--unsafe", message)
+    for name, flag in _FLAGS.items():
+        message = re.sub(rf"`?\b{name}=True\b`?", flag, message)
+        message = re.sub(rf"`?\b{name}=False\b`?", f"no {flag}", message)
+    for name, option in _OPTIONS.items():
+        message = re.sub(rf"`?\b{name}=None\b`?", f"no {option}", message)
+        message = re.sub(rf"`?\b{name}`?=(['\"]?)([\w.+-]+)\1`?", rf"{option} \2", message)
+        message = re.sub(rf"`{name}`", option, message)
+        message = re.sub(rf"(\d\s*<=?\s*){name}(\s*<=?\s*\d)", rf"\1{option}\2", message)
+    return message
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line each: `keras-snapshot: AveragingWarning: ...`."""
+    return f"{PROG}: {category.__name__}: {_cli_terms(_one_line(message))}\n"
+
+
+def _quiet_startup() -> None:
+    """Keeps TensorFlow's and absl's start-up logging out of the output (before they are imported)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _import_keras():
+    """Imports Keras for a sub-command that needs it, with TensorFlow's Python logging turned down."""
+    import logging
+
+    import keras
+
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    if "absl.logging" in sys.modules:
+        sys.modules["absl.logging"].set_verbosity("error")
+    return keras
+
+
 # ---------------------------------------------------------------------------------------- helpers
 def _format_value(value) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return str(value)
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)
     return str(value)
+
+
+def _metric(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return _format_value(value)
+    value = float(value)
+    return f"{value:.4f}" if math.isfinite(value) else str(value)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -50,10 +167,13 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _snapshot_directory(path: str) -> tuple[Path, dict]:
+def _snapshot_directory(path: str, last: int | None = None, need_snapshots: bool = True) -> tuple[Path, dict]:
+    """The directory and its manifest; `--last` checked against the snapshots it lists."""
     from keras_snapshot import manifest as manifest_lib
 
     directory = Path(path)
+    if not directory.exists():
+        raise UserError(f"Snapshot directory {path!r} does not exist.")
     if not directory.is_dir():
         raise UserError(f"{path!r} is not a directory (expected a snapshot directory with manifest.json).")
     manifest = manifest_lib.read_manifest(directory)
@@ -61,12 +181,130 @@ def _snapshot_directory(path: str) -> tuple[Path, dict]:
         raise UserError(
             f"{path!r} has no manifest.json: it is not a snapshot directory written by SnapshotCallback."
         )
+    count = len(manifest.get("snapshots") or [])
+    if count == 0 and need_snapshots:
+        raise UserError(f"{path!r} holds no snapshots yet: train until at least one cycle has ended.")
+    if last is not None and last > count:
+        raise UserError(
+            f"--last {last} is out of range: {path!r} holds {count} snapshot(s). Pass --last 1 to "
+            f"{count}, or leave --last out for all of them."
+        )
     return directory, manifest
+
+
+def _output_file(path: str) -> Path:
+    output = Path(path)
+    if output.suffix != ".keras":
+        raise UserError(f"The output file must end in .keras, got {path!r}.")
+    if output.is_dir():
+        raise UserError(f"The output {path!r} is a directory; name a .keras file.")
+    if not output.parent.is_dir():
+        raise UserError(f"The output's directory {str(output.parent)!r} does not exist.")
+    return output
+
+
+def _data_file(path: str, option: str) -> str:
+    if not Path(path).exists():
+        raise UserError(f"Data file {path!r} ({option}) does not exist.")
+    if Path(path).is_dir():
+        raise UserError(f"{path!r} ({option}) is a directory; pass a .npz file.")
+    return path
+
+
+def _load_members(args):
+    """The snapshots to use, each loaded once (load failures name their cause)."""
+    from keras_snapshot.members import load_members
+
+    return load_members(args.directory, args.last, not args.unsafe)
+
+
+def _load_data(path: str, option: str, x_names, y_name, members):
+    """(x, y) from a .npz file, checked against the members' inputs; y is None when `y_name` is None.
+
+    x is one array for a single-input model, else a dict by input name (in the model's order).
+    """
+    import numpy as np
+
+    from keras_snapshot.members import input_items
+
+    items = input_items(members[0].model, members[0].label)
+    input_names = [key for key, _ in items]
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except Exception as error:
+        raise UserError(
+            f"{path!r} ({option}) is not a .npz file of numpy arrays ({type(error).__name__}: "
+            f"{_one_line(error)})."
+        ) from None
+    if not arrays:
+        raise UserError(f"{path!r} ({option}) holds no arrays.")
+    if x_names is None:
+        x_names = ["x"] if len(input_names) == 1 else input_names
+    if len(x_names) != len(input_names):
+        raise UserError(
+            f"The model has {len(input_names)} inputs ({', '.join(input_names)}) but --x names {len(x_names)} "
+            "array(s): pass --x once per input, in that order."
+        )
+    wanted = [*x_names, *([y_name] if y_name is not None else [])]
+    for name in wanted:
+        if name not in arrays:
+            flag = "--y" if name == y_name and name not in x_names else "--x"
+            raise UserError(
+                f"{path!r} ({option}) has no array {name!r} (it holds: {', '.join(sorted(arrays))}); "
+                f"pass {flag} NAME."
+            )
+    rows = {name: arrays[name].shape[0] if arrays[name].ndim else 0 for name in wanted}
+    if len(set(rows.values())) != 1 or not next(iter(rows.values())):
+        raise UserError(
+            f"{path!r} ({option}): the arrays must have the same, non-zero number of rows, got {rows}."
+        )
+    for name, (key, tensor) in zip(x_names, items, strict=True):
+        array, expected = arrays[name], tuple(tensor.shape)[1:]
+        if array.ndim != len(expected) + 1 or any(
+            e is not None and e != a for e, a in zip(expected, array.shape[1:], strict=True)
+        ):
+            raise UserError(
+                f"{path!r} ({option}): array {name!r} has shape {array.shape}, the model's input {key!r} "
+                f"expects (N, {', '.join('?' if e is None else str(e) for e in expected)})."
+            )
+    x = (
+        arrays[x_names[0]]
+        if len(x_names) == 1
+        else {key: arrays[name] for name, key in zip(x_names, input_names, strict=True)}
+    )
+    return x, (arrays[y_name] if y_name is not None else None)
+
+
+def _member_name(value, members) -> str:
+    """A member as the library names it when given a list of models -> its snapshot name.
+
+    By position: `snapshot_01` (rows of evaluate_ensemble) or `model #1 ('name')` (labels)."""
+    from keras_snapshot.members import MEMBER_PREFIX
+
+    text = str(value)
+    match = re.fullmatch(rf"{MEMBER_PREFIX}(\d+)|model #(\d+) \(.*\)", text)
+    if match:
+        position = int(match.group(1) or match.group(2))
+        if 1 <= position <= len(members):
+            return members[position - 1].name
+    return text
+
+
+def _check_activation(keras, name: str | None) -> None:
+    if name is None:
+        return
+    try:
+        keras.activations.get(name)
+    except (ValueError, TypeError):
+        raise UserError(
+            f"--output-activation {name!r} is not a Keras activation; use e.g. softmax or sigmoid."
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------- commands
 def _info(args) -> int:
-    directory, manifest = _snapshot_directory(args.directory)
+    directory, manifest = _snapshot_directory(args.directory, need_snapshots=False)
     entries = sorted(manifest["snapshots"], key=lambda entry: entry["cycle"])
     print(
         f"{directory}: {len(entries)} of {manifest.get('cycles', '?')} snapshots, "
@@ -101,15 +339,15 @@ def _info(args) -> int:
 
 
 def _build(args) -> int:
+    output = _output_file(args.output)
+    _snapshot_directory(args.directory, args.last)
+    keras = _import_keras()
+    _check_activation(keras, args.output_activation)
+
     from keras_snapshot.ensemble import build_ensemble
     from keras_snapshot.manifest import atomic_write
     from keras_snapshot.members import snapshot_sources
 
-    output = Path(args.output)
-    if output.suffix != ".keras":
-        raise UserError(f"The output file must end in .keras, got {args.output!r}.")
-    if output.parent and not output.parent.is_dir():
-        raise UserError(f"The output's directory {str(output.parent)!r} does not exist.")
     ensemble = build_ensemble(
         args.directory,
         last=args.last,
@@ -125,34 +363,42 @@ def _build(args) -> int:
 
 
 def _export(args, argv: list[str]) -> int:
-    import keras
+    model_path, serving_dir = Path(args.model), Path(args.serving_dir)
+    if model_path.is_dir():
+        raise UserError(
+            f"{args.model!r} is a directory; pass the .keras file (e.g. from keras-snapshot build)."
+        )
+    if not model_path.exists():
+        raise UserError(f"Model file {args.model!r} does not exist.")
+    if serving_dir.exists() and not serving_dir.is_dir():
+        raise UserError(f"{args.serving_dir!r} exists and is not a directory.")
+    if args.version is not None and (serving_dir / str(args.version)).exists() and not args.overwrite:
+        raise UserError(
+            f"Version {args.version} already exists: {str(serving_dir / str(args.version))!r}. Pass another "
+            "--version, leave --version out for the next free one, or add --overwrite to replace it."
+        )
+    keras = _import_keras()
 
-    from keras_snapshot.export import _backend_problem, export_saved_model
+    from keras_snapshot.export import export_saved_model
     from keras_snapshot.members import load_model
 
-    if not Path(args.model).is_file():
-        raise UserError(f"Model file {args.model!r} does not exist.")
-    if Path(args.serving_dir).exists() and not Path(args.serving_dir).is_dir():
-        raise UserError(f"{args.serving_dir!r} exists and is not a directory.")
-    # Loaded here on every backend, so that a corrupt or unsafe file is reported by this process.
-    model = load_model(Path(args.model), safe_mode=not args.unsafe)
-    if (
-        keras.backend.backend() != "tensorflow"
-        and _backend_problem(args.format)
-        and importlib.util.find_spec("tensorflow") is not None
-        and not os.environ.get(_REEXEC_FLAG)
-    ):
-        # E.g. torch cannot write a SavedModel; the .keras file is backend-independent, so the
-        # same command runs again under TensorFlow.
-        print(
-            f"keras-snapshot: exporting with the TensorFlow backend ({keras.backend.backend()} cannot "
-            f"write {args.format} here).",
-            file=sys.stderr,
-        )
-        env = {**os.environ, "KERAS_BACKEND": "tensorflow", _REEXEC_FLAG: "1"}
-        return subprocess.run(
-            [sys.executable, "-m", "keras_snapshot.cli", *argv], env=env, check=False
-        ).returncode
+    # Loaded here on every backend, so that a file that does not load is reported by this process.
+    model = load_model(model_path, safe_mode=not args.unsafe, what="model")
+    backend = keras.backend.backend()
+    if backend == "torch" and args.format == "tf_saved_model" and not os.environ.get(_REEXEC_FLAG):
+        import importlib.util
+
+        if importlib.util.find_spec("tensorflow") is not None:
+            # torch cannot write a SavedModel; the .keras file is backend-independent, so the
+            # same command runs again under TensorFlow.
+            print(
+                f"{PROG}: exporting with the TensorFlow backend (torch cannot write {args.format}).",
+                file=sys.stderr,
+            )
+            env = {**os.environ, "KERAS_BACKEND": "tensorflow", _REEXEC_FLAG: "1"}
+            return subprocess.run(
+                [sys.executable, "-m", "keras_snapshot.cli", *argv], env=env, check=False
+            ).returncode
     target = export_saved_model(
         model,
         args.serving_dir,
@@ -165,115 +411,143 @@ def _export(args, argv: list[str]) -> int:
     return 0
 
 
-def _load_data(path: str, x_names: list[str] | None, y_name: str, input_names: list[str]):
-    import numpy as np
-
-    if not Path(path).is_file():
-        raise UserError(f"Data file {path!r} does not exist.")
-    try:
-        archive = np.load(path, allow_pickle=False)
-        arrays = {name: archive[name] for name in archive.files}
-    except Exception as error:
-        raise UserError(
-            f"{path!r} is not a .npz file of numpy arrays ({type(error).__name__}: {error})."
-        ) from None
-    if not isinstance(arrays, dict) or not arrays:
-        raise UserError(f"{path!r} holds no arrays.")
-    if x_names is None:
-        x_names = ["x"] if len(input_names) == 1 else input_names
-    if len(x_names) != len(input_names):
-        raise UserError(
-            f"The model has {len(input_names)} inputs ({', '.join(input_names)}) but --x names {len(x_names)} "
-            "array(s): pass --x once per input, in that order."
-        )
-    for name in [*x_names, y_name]:
-        if name not in arrays:
-            option = "--y" if name == y_name else "--x"
-            raise UserError(
-                f"{path!r} has no array {name!r} (it holds: {', '.join(sorted(arrays))}); pass {option} NAME."
-            )
-    rows = {name: arrays[name].shape[0] if arrays[name].ndim else 0 for name in [*x_names, y_name]}
-    if len(set(rows.values())) != 1 or not next(iter(rows.values())):
-        raise UserError(f"{path!r}: the arrays must have the same, non-zero number of rows, got {rows}.")
-    return [arrays[name] for name in x_names], arrays[y_name], x_names
-
-
 def _evaluate(args) -> int:
-    import keras
-    import numpy as np
-
-    from keras_snapshot.members import input_items, load_members, member_graph
-    from keras_snapshot.weights import loss_name as pick_loss
-    from keras_snapshot.weights import objective
-
-    _snapshot_directory(args.directory)
-    if not Path(args.data).is_file():  # before the snapshots are loaded
-        raise UserError(f"Data file {args.data!r} does not exist.")
-    members = load_members(args.directory, None, not args.unsafe)
-    inputs, keys, _, taps = member_graph(members, args.output_activation)
-    if len(keys) != 1:
-        raise UserError(f"evaluate supports single-output models; these snapshots have outputs {keys}.")
-    input_items = input_items(members[0].model, members[0].label)
-    x_arrays, y, x_names = _load_data(args.data, args.x, args.y, [key for key, _ in input_items])
-    for name, array, (key, tensor) in zip(x_names, x_arrays, input_items, strict=True):
-        expected = tuple(tensor.shape)[1:]
-        if array.ndim != len(expected) + 1 or any(
-            e is not None and e != a for e, a in zip(expected, array.shape[1:], strict=True)
-        ):
-            raise UserError(
-                f"{args.data!r}: array {name!r} has shape {array.shape}, the model's input {key!r} expects "
-                f"(N, {', '.join('?' if e is None else str(e) for e in expected)})."
-            )
-    x = (
-        dict(zip([key for key, _ in input_items], x_arrays, strict=True))
-        if len(x_arrays) > 1
-        else x_arrays[0]
-    )
-    key = keys[0]
-    tap_model = keras.Model(inputs, [taps[member.name][key] for member in members])
-    # One predict pass runs every snapshot once; ensembles of the last m are means of these.
-    predictions = keras.tree.flatten(tap_model.predict(x, batch_size=args.batch_size, verbose=0))
-    stack = np.stack([np.asarray(p, dtype="float64") for p in predictions])
-
-    y = np.asarray(y)
-    classes = stack.shape[-1]
-    if classes > 1 and y.shape in (stack.shape[1:-1], (*stack.shape[1:-1], 1), stack.shape[1:]):
-        kind = "categorical"
-    elif classes == 1 and y.size == stack[0].size and np.isin(y, (0, 1)).all():
-        kind = "binary"
-    elif y.size == stack[0].size:
-        kind = "regression"
-    else:
-        raise UserError(f"{args.data!r}: y has shape {y.shape}, the snapshots' output {stack.shape[1:]}.")
-    try:
-        loss_name = "mean_squared_error" if kind == "regression" else pick_loss(None, stack, y, key)
-    except ValueError:
-        loss_name = None  # logits: accuracy still ranks, a cross-entropy would be meaningless
-
-    def scores(subset: np.ndarray) -> list[str]:
-        mean = subset.mean(axis=0)
-        row = []
-        if kind == "categorical":
-            labels = y.argmax(-1) if y.shape == mean.shape else y.reshape(mean.shape[:-1])
-            row.append(f"{np.mean(mean.argmax(-1) == labels):.4f}")
-        elif kind == "binary":
-            row.append(f"{np.mean((mean.reshape(y.shape) > 0.5) == y):.4f}")
-        if loss_name is not None:
-            weights = np.full(len(subset), 1.0 / len(subset))
-            row.append(f"{objective(loss_name, subset, y, key)(weights)[0]:.4f}")
-        return row
-
-    header = ["model"] + (["accuracy"] if kind != "regression" else []) + ([loss_name] if loss_name else [])
-    rows = [[member.name, *scores(stack[i : i + 1])] for i, member in enumerate(members)]
-    for m in range(1, len(members) + 1):
-        rows.append([f"ensemble of last {m}", *scores(stack[len(members) - m :])])
-    print(f"{args.data}: {stack.shape[1]} examples, {len(members)} snapshots from {args.directory}")
-    print(_table(header, rows))
-    if loss_name is None:
-        print(
-            "note: the snapshots do not output probabilities; pass --output-activation softmax to average "
-            "probabilities, as the paper does."
+    _snapshot_directory(args.directory, args.last)
+    _data_file(args.data, "--data")
+    if args.temperature == "fit" and args.validation_data is None:
+        raise UserError(
+            "--temperature fit needs --validation-data val.npz (fit the temperature on validation data, "
+            "never on the test set)."
         )
+    if args.validation_data is not None:
+        if args.temperature != "fit":
+            raise UserError("--validation-data is used only with --temperature fit.")
+        _data_file(args.validation_data, "--validation-data")
+    keras = _import_keras()
+    _check_activation(keras, args.output_activation)
+
+    from keras_snapshot.evaluation import evaluate_ensemble
+
+    members = _load_members(args)
+    x, y = _load_data(args.data, "--data", args.x, args.y, members)
+    validation = None
+    if args.validation_data is not None:
+        validation = _load_data(args.validation_data, "--validation-data", args.x, args.y, members)
+    rows = evaluate_ensemble(
+        [member.model for member in members],
+        x,
+        y,
+        temperature=args.temperature,
+        validation_data=validation,
+        batch_size=args.batch_size,
+        output_activation=args.output_activation,
+        bins=args.bins,
+    )
+    columns = []
+    for row in rows:
+        for key in row:
+            if key not in ("model", "m") and key not in columns:
+                columns.append(key)
+    if "temperature" in columns:  # after the metrics it scales
+        columns.append(columns.pop(columns.index("temperature")))
+    table = [
+        [_member_name(row["model"], members), *(_metric(row.get(key)) for key in columns)] for row in rows
+    ]
+    examples = len(y)
+    print(f"{args.data}: {examples} examples, {len(members)} snapshots from {args.directory}")
+    print(_table(["model", *columns], table))
+    return 0
+
+
+def _distill(args) -> int:
+    output = _output_file(args.output)
+    _snapshot_directory(args.directory, args.last)
+    _data_file(args.data, "--data")
+    if args.validation_data is not None:
+        _data_file(args.validation_data, "--validation-data")
+    keras = _import_keras()
+    _check_activation(keras, args.output_activation)
+
+    from keras_snapshot.distill import distill
+    from keras_snapshot.manifest import atomic_write
+
+    members = _load_members(args)
+    x, y = _load_data(args.data, "--data", args.x, args.y, members)
+    validation = None
+    if args.validation_data is not None:
+        x_val, y_val = _load_data(args.validation_data, "--validation-data", args.x, args.y, members)
+        validation = x_val if y_val is None else (x_val, y_val)
+    student = distill(
+        [member.model for member in members],
+        x,
+        y=y,
+        validation_data=validation,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        alpha=args.alpha,
+        verbose=2,
+        output_activation=args.output_activation,
+    )
+    atomic_write(output, student.save, suffix=".keras")
+    labels = f", with the hard labels {args.y!r} (alpha {args.alpha:g})" if y is not None else ""
+    print(
+        f"Wrote {output}: a student distilled from {len(members)} snapshot(s) "
+        f"({', '.join(member.name for member in members)}) in {args.epochs} epoch(s){labels}."
+    )
+    return 0
+
+
+def _average(args) -> int:
+    output = _output_file(args.output)
+    _snapshot_directory(args.directory, args.last)
+    if args.bn_data is not None:
+        _data_file(args.bn_data, "--bn-data")
+    if args.validation_data is not None:
+        _data_file(args.validation_data, "--validation-data")
+    _import_keras()
+
+    from keras_snapshot.averaging import average_weights
+    from keras_snapshot.manifest import atomic_write
+
+    members = _load_members(args)
+    bn_data = None
+    if args.bn_data is not None:
+        bn_data, _ = _load_data(args.bn_data, "--bn-data", args.x, None, members)
+    validation = None
+    if args.validation_data is not None:
+        validation = _load_data(args.validation_data, "--validation-data", args.x, args.y, members)
+    averaged = average_weights(
+        [member.model for member in members],
+        bn_data=bn_data,
+        validation_data=validation,
+        batch_size=args.batch_size,
+    )
+    atomic_write(output, averaged.save, suffix=".keras")
+    print(
+        f"Wrote {output}: the weight average of {len(members)} snapshot(s) "
+        f"({', '.join(member.name for member in members)})."
+    )
+    report = getattr(averaged, "averaging_report", None)
+    if isinstance(report, dict):
+        rows = []
+        for key, label in (
+            ("averaged", "weight average"),
+            ("best_member", "best member"),
+            ("ensemble", None),
+        ):
+            entry = report.get(key)
+            if not isinstance(entry, dict):
+                continue
+            if label is None:
+                label = f"ensemble of {len(members)}"
+            elif key == "best_member" and entry.get("model") is not None:
+                label = f"best member ({_member_name(entry['model'], members)})"
+            rows.append([label, _metric(entry.get("nll")), _metric(entry.get("error"))])
+        if rows:
+            print(f"{args.validation_data}:")
+            print(_table(["model", "nll", "error"], rows))
+        # When the average is worse, average_weights warns (one line on stderr) and says what to do.
     return 0
 
 
@@ -288,37 +562,95 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _temperature(text: str) -> float | str:
+    if text == "fit":
+        return text
+    try:
+        return _positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'fit', got {text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
+    # --traceback before or after the sub-command; SUPPRESS keeps a sub-parser from resetting it.
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Snapshot Ensembles for Keras 3: inspect, build, export and evaluate snapshots.",
+        description="Snapshot Ensembles for Keras 3: inspect, build, export, evaluate, distil and "
+        "average snapshots.",
+        epilog="Errors in your input end in one line (exit status 1); unexpected errors show a traceback.",
+    )
+    parser.add_argument(
+        "--traceback", action="store_true", help="also print the traceback of errors in your input"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    info = commands.add_parser("info", help="table of the snapshots in a snapshot directory")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, parents=[after])
+
+    info = command("info", "table of the snapshots in a snapshot directory")
     info.add_argument("directory", metavar="DIR")
 
-    unsafe = {
-        "action": "store_true",
-        "help": "load files in unsafe mode (Lambda layers); only for trusted files",
-    }
-    activation = {
-        "metavar": "NAME",
-        "help": "activation applied to each snapshot's output before averaging (softmax for logits)",
-    }
-    build = commands.add_parser("build", help="build the ensemble model and save it as .keras")
+    def unsafe(sub):
+        sub.add_argument(
+            "--unsafe",
+            action="store_true",
+            help="load files in unsafe mode (Lambda layers); only for files you trust",
+        )
+
+    def activation(sub):
+        sub.add_argument(
+            "--output-activation",
+            metavar="NAME",
+            help="activation applied to each snapshot's output before averaging (softmax for logits)",
+        )
+
+    def last(sub):
+        sub.add_argument("--last", type=_positive_int, metavar="M", help="use only the last M snapshots")
+
+    def data_names(sub, y_help: str, y_default):
+        sub.add_argument(
+            "--x",
+            action="append",
+            metavar="NAME",
+            help="input array name, once per model input (default: x, or the model's input names)",
+        )
+        sub.add_argument("--y", default=y_default, metavar="NAME", help=y_help)
+
+    build = command("build", "build the ensemble model and save it as .keras")
     build.add_argument("directory", metavar="DIR")
     build.add_argument("-o", "--output", required=True, metavar="FILE.keras")
-    build.add_argument("--last", type=_positive_int, metavar="M", help="use only the last M snapshots")
-    build.add_argument("--output-activation", **activation)
-    build.add_argument("--unsafe", **unsafe)
+    last(build)
+    activation(build)
+    unsafe(build)
     build.add_argument(
         "--fuse",
         action="store_true",
-        help="stack the members into one set of wider layers: faster for small batches (see README)",
+        help="stack the members into one set of wider layers: faster for small batches",
     )
 
-    export = commands.add_parser("export", help="export a .keras model as a versioned TF Serving directory")
+    export = command("export", "export a .keras model as a versioned TF Serving directory")
     export.add_argument("model", metavar="MODEL.keras")
     export.add_argument("serving_dir", metavar="SERVING_DIR", help="the model's base path for TF Serving")
     export.add_argument("--version", type=_positive_int, metavar="N", help="default: the next free version")
@@ -327,26 +659,96 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing version")
     export.add_argument("--format", choices=["tf_saved_model", "onnx"], default="tf_saved_model")
-    export.add_argument("--unsafe", **unsafe)
+    unsafe(export)
 
-    evaluate = commands.add_parser(
-        "evaluate", help="metrics of each snapshot and of the ensembles of the last m = 1..M snapshots"
+    evaluate = command(
+        "evaluate",
+        "error, NLL, Brier score and ECE (MSE for regression) of each snapshot and of the ensembles "
+        "of the last m = 1..M snapshots",
     )
     evaluate.add_argument("directory", metavar="DIR")
     evaluate.add_argument(
         "--data", required=True, metavar="FILE.npz", help="a .npz file with inputs and targets"
     )
+    data_names(evaluate, "target array name (default: y)", "y")
+    last(evaluate)
     evaluate.add_argument(
-        "--x",
-        action="append",
-        metavar="NAME",
-        help="input array name, once per model input (default: x, or the model's input names)",
+        "--temperature",
+        type=_temperature,
+        metavar="T|fit",
+        help="also report the metrics after temperature scaling by T, or by the T fitted on --validation-data",
     )
-    evaluate.add_argument("--y", default="y", metavar="NAME", help="target array name (default: y)")
+    evaluate.add_argument(
+        "--validation-data", metavar="FILE.npz", help="validation arrays (same names) for --temperature fit"
+    )
+    evaluate.add_argument(
+        "--bins", type=_positive_int, default=15, metavar="N", help="ECE bins (default: 15)"
+    )
     evaluate.add_argument("--batch-size", type=_positive_int, default=256, metavar="N")
-    evaluate.add_argument("--output-activation", **activation)
-    evaluate.add_argument("--unsafe", **unsafe)
+    activation(evaluate)
+    unsafe(evaluate)
+
+    distill = command(
+        "distill", "train one student model on the ensemble's averaged probabilities (1x serving cost)"
+    )
+    distill.add_argument("directory", metavar="DIR")
+    distill.add_argument(
+        "--data", required=True, metavar="FILE.npz", help="training inputs (labels optional)"
+    )
+    distill.add_argument("-o", "--output", required=True, metavar="FILE.keras")
+    data_names(distill, "hard-label array name, mixed in with weight --alpha (default: no labels)", None)
+    distill.add_argument("--epochs", type=_positive_int, default=10, metavar="N", help="default: 10")
+    last(distill)
+    distill.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="default: 64")
+    distill.add_argument(
+        "--temperature",
+        type=_positive_float,
+        default=2.0,
+        metavar="T",
+        help="softening temperature (default: 2)",
+    )
+    distill.add_argument(
+        "--alpha",
+        type=_fraction,
+        default=0.5,
+        metavar="A",
+        help="weight of the hard-label loss (default: 0.5)",
+    )
+    distill.add_argument(
+        "--validation-data", metavar="FILE.npz", help="validation inputs (and --y labels) reported each epoch"
+    )
+    activation(distill)
+    unsafe(distill)
+
+    average = command(
+        "average", "average the snapshots' weights into one model (checked on --validation-data)"
+    )
+    average.add_argument("directory", metavar="DIR")
+    average.add_argument(
+        "--bn-data",
+        metavar="FILE.npz",
+        help="inputs to recompute batch-norm statistics (needed with BatchNormalization)",
+    )
+    average.add_argument("-o", "--output", required=True, metavar="FILE.keras")
+    data_names(average, "target array name in --validation-data (default: y)", "y")
+    last(average)
+    average.add_argument(
+        "--validation-data",
+        metavar="FILE.npz",
+        help="compare the average with the best member and the ensemble",
+    )
+    average.add_argument("--batch-size", type=_positive_int, default=256, metavar="N")
+    unsafe(average)
     return parser
+
+
+_COMMANDS = {
+    "info": _info,
+    "build": _build,
+    "evaluate": _evaluate,
+    "distill": _distill,
+    "average": _average,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,23 +764,34 @@ def main(argv: list[str] | None = None) -> int:
     main(["info", "snapshots"])   # same as `keras-snapshot info snapshots` in a shell
     ```
     """
+    _quiet_startup()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    show_traceback = getattr(args, "traceback", False)
+    format_warning = warnings.formatwarning
+    warnings.formatwarning = _format_warning
     try:
-        if args.command == "info":
-            return _info(args)
-        if args.command == "build":
-            return _build(args)
         if args.command == "export":
             return _export(args, argv)
-        return _evaluate(args)
-    except (UserError, ValueError, OSError, RuntimeError) as error:
-        # Keras's messages span lines; a user error gets one.
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 1
+        return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
+    except Exception as error:
+        if _is_user_error(error):
+            if show_traceback:
+                traceback.print_exception(error)
+            print(f"{PROG}: error: {_cli_terms(_one_line(error))}", file=sys.stderr)
+            return 1
+        traceback.print_exception(error)
+        print(
+            f"{PROG}: internal error: {type(error).__name__}: {_one_line(error)} -- an unexpected error "
+            "in keras-snapshot, Keras or TensorFlow, not in your input; please report it with the "
+            "traceback above.",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        warnings.formatwarning = format_warning
 
 
 if __name__ == "__main__":
