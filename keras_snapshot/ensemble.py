@@ -22,7 +22,8 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from keras_snapshot import fusion
+from keras_snapshot import calibration, fusion
+from keras_snapshot.evaluation import EPSILON, check_targets, check_temperature, labels, rows_of
 from keras_snapshot.members import (
     MEMBER_PREFIX,
     call_members,
@@ -38,7 +39,15 @@ __all__ = ["build_ensemble"]
 
 
 # ---------------------------------------------------------------------------------------- the graph
-def combine(inputs, keys, output_struct, taps, weights, name: str) -> keras.Model:
+PREDICTIONS_KEY = "predictions"  # the output key of a single-output model with uncertainty outputs
+CLASSIFIER_MEASURES = ("entropy", "mutual_information", "disagreement")
+REGRESSOR_MEASURES = ("variance",)
+TEMPERATURE_LAYER = "temperature"  # Rescaling(1 / T): T = 1 / model.get_layer("temperature").scale
+MEAN_SUFFIX = "_mean"  # with a temperature, the mean before scaling is the layer "<output>_mean"
+
+
+def mean_tensors(keys, taps, weights) -> dict:
+    """{key: the (weighted) mean of the members' tap tensors}, each layer named after its output."""
     combined = {}
     for key in keys:
         tensors = [member_taps[key] for member_taps in taps.values()]
@@ -52,7 +61,11 @@ def combine(inputs, keys, output_struct, taps, weights, name: str) -> keras.Mode
                 if weight > 0
             ]
             combined[key] = keras.layers.Add(name=key)(scaled)
-    return assemble(inputs, keys, output_struct, combined, name)
+    return combined
+
+
+def combine(inputs, keys, output_struct, taps, weights, name: str) -> keras.Model:
+    return assemble(inputs, keys, output_struct, mean_tensors(keys, taps, weights), name)
 
 
 def assemble(inputs, keys, output_struct, combined: dict, name: str) -> keras.Model:
@@ -66,23 +79,187 @@ def assemble(inputs, keys, output_struct, combined: dict, name: str) -> keras.Mo
     return keras.Model(inputs, outputs, name=name)
 
 
-def member_output_tensors(model: keras.Model) -> dict[str, dict[str, object]]:
-    """{member name: {output key: tensor}} of an ensemble made by `build_ensemble` (after reload too)."""
-    members = [layer.name for layer in model.layers if isinstance(layer, keras.Model)]
-    keys = [key for key, _ in output_items(model)]
-    result = {}
+def _kind(activation: str | None, units) -> str:
+    if activation == "softmax" and units != 1:
+        return "classes"
+    if activation == "sigmoid" and units == 1:
+        return "binary"
+    return "values"
+
+
+def _activation_name(layer) -> str | None:
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    function = getattr(layer, "activation", None)
+    return getattr(function, "__name__", None) if callable(function) else None
+
+
+def _producing_layer(model: keras.Model, key, position):
+    """The layer of `model` that makes its output `key` (else the one at `position`), or None."""
     try:
-        for member in members:
-            result[member] = {key: model.get_layer(f"{member}_{key}").output for key in keys}
-    except ValueError:
-        result = {}
-    if not result:
+        items = output_items(model)
+        named = dict(items)
+        if key in named:
+            target = named[key]
+        elif position is not None and position < len(items):
+            target = items[position][1]
+        else:
+            return None
+        if isinstance(model, keras.Sequential):
+            layer = model.layers[-1]
+        else:
+            layer = None
+            for candidate in reversed(model.layers):
+                try:
+                    if candidate.output is target:
+                        layer = candidate
+                        break
+                except (AttributeError, ValueError):  # a layer called more than once
+                    continue
+        if isinstance(layer, keras.Model):
+            return _producing_layer(layer, None, 0)
+        return layer
+    except Exception:  # the kind only picks which uncertainty measures apply
+        return None
+
+
+def output_kind(model: keras.Model, key: str, activation: str | None, position: int | None = None) -> str:
+    """What a member output holds: "classes" (softmax over the last axis), "binary" (one sigmoid
+    unit) or "values" (anything else: regression outputs, logits, multi-label sigmoids).
+
+    `activation` is the `output_activation` applied to it (None or "linear": the member's own last
+    layer decides).
+    """
+    target = dict(output_items(model)).get(key)
+    if target is None and position is not None:
+        target = output_items(model)[position][1]
+    units = target.shape[-1] if target is not None and len(target.shape) > 1 else 1
+    if activation not in (None, "linear"):
+        return _kind(activation, units)
+    return _kind(_activation_name(_producing_layer(model, key, position)), units)
+
+
+def temperature_head(mean, temperature: float, kind: str, name: str):
+    """softmax(log(p) / T) in the graph, with built-in layers and ops only (p clipped to [1e-7, 1])."""
+    p = keras.ops.cast(mean, "float32")
+    if kind == "binary":  # sigmoid((log p - log(1 - p)) / T): the two-class softmax
+        logits = keras.ops.log(keras.ops.clip(p, EPSILON, 1.0)) - keras.ops.log(
+            keras.ops.clip(1.0 - p, EPSILON, 1.0)
+        )
+        scaled = keras.layers.Rescaling(1.0 / temperature, name=TEMPERATURE_LAYER)(logits)
+        return keras.layers.Activation("sigmoid", name=name)(scaled)
+    logits = keras.ops.log(keras.ops.clip(p, EPSILON, 1.0))
+    scaled = keras.layers.Rescaling(1.0 / temperature, name=TEMPERATURE_LAYER)(logits)
+    return keras.layers.Softmax(axis=-1, name=name)(scaled)
+
+
+def _per_example(tensor):
+    """(B, ...) -> (B,): the mean over every axis but the batch axis."""
+    if len(tensor.shape) > 1:
+        tensor = keras.ops.mean(tensor, axis=tuple(range(1, len(tensor.shape))))
+    return tensor
+
+
+ENTROPY_FLOOR = 1e-30  # p log p of a smaller p is 0 in float32 anyway; keeps log(0) out of the graph
+
+
+def _entropy(p):
+    return -keras.ops.sum(p * keras.ops.log(keras.ops.clip(p, ENTROPY_FLOOR, 1.0)), axis=-1)
+
+
+def _two_classes(p):
+    return keras.ops.concatenate([1.0 - p, p], axis=-1)
+
+
+def uncertainty_tensors(stack, mean, predictions, weights, kind: str, prefix: str = "") -> dict:
+    """{measure: (batch,) float32 tensor} from the members' outputs, in the graph.
+
+    `stack` holds the members' outputs after their activation, (B, M, ...); `mean` their
+    (weighted) mean; `predictions` the ensemble's output (after temperature scaling, if any);
+    `weights` one weight per member of the stack. Classifiers: "entropy" of `predictions`,
+    "mutual_information" (entropy of `mean` minus the weighted mean of the members' entropies,
+    clipped at 0) and "disagreement" (the weight of the members whose top-1 class differs from
+    the mean's); regressors: "variance" (around `mean`, averaged over output units).
+    """
+    w = np.asarray(weights, dtype="float64")
+    w = (w / w.sum()).astype("float32")
+    stack = keras.ops.cast(stack, "float32")
+    mean = keras.ops.cast(mean, "float32")
+
+    def over_members(tensor):  # (B, M, ...) -> (B, ...), weighted
+        return keras.ops.sum(tensor * w.reshape((1, w.size) + (1,) * (len(tensor.shape) - 2)), axis=1)
+
+    if kind == "values":
+        spread = over_members(keras.ops.square(stack - keras.ops.expand_dims(mean, 1)))
+        return {f"{prefix}variance": _per_example(spread)}
+    predictions = keras.ops.cast(predictions, "float32")
+    if kind == "binary":
+        stack, mean, predictions = _two_classes(stack), _two_classes(mean), _two_classes(predictions)
+    members_entropy = over_members(_entropy(stack))
+    top = keras.ops.argmax(stack, axis=-1)
+    ensemble_top = keras.ops.expand_dims(keras.ops.argmax(mean, axis=-1), 1)
+    differs = keras.ops.cast(keras.ops.not_equal(top, ensemble_top), "float32")
+    return {
+        f"{prefix}entropy": _per_example(_entropy(predictions)),
+        f"{prefix}mutual_information": _per_example(keras.ops.maximum(_entropy(mean) - members_entropy, 0.0)),
+        f"{prefix}disagreement": _per_example(over_members(differs)),
+    }
+
+
+def uncertainty_outputs(keys, single: bool, outputs: dict, measures: dict) -> dict:
+    """The dict outputs of a model with uncertainty: "predictions" and the measures for a single
+    (plain tensor) output, else the output names and "<output>_<measure>"."""
+    named = {PREDICTIONS_KEY: outputs[keys[0]]} if single else dict(outputs)
+    for key, extra in measures.items():
+        clash = set(extra) & set(named)
+        if clash:
+            raise ValueError(
+                f"The uncertainty output {sorted(clash)[0]!r} of {key!r} clashes with an output of the "
+                "same name; rename the members' outputs."
+            )
+        named.update(extra)
+    return named
+
+
+def member_output_tensors(model: keras.Model) -> dict[str, dict[str, object]]:
+    """{member name: {output key: tensor}} of an ensemble made by `build_ensemble` (after reload too).
+
+    The tensors are the outputs of the per-member activation layers `snapshot_XX_<output>`.
+    """
+    members = [
+        layer.name
+        for layer in model.layers
+        if isinstance(layer, keras.Model) and layer.name.startswith(MEMBER_PREFIX)
+    ]
+    result = {}
+    for member in members:
+        taps = {
+            layer.name[len(member) + 1 :]: layer.output
+            for layer in model.layers
+            if isinstance(layer, keras.layers.Activation) and layer.name.startswith(f"{member}_")
+        }
+        if taps:
+            result[member] = taps
+    keys = {tuple(taps) for taps in result.values()}
+    if not result or len(keys) != 1 or len(result) != len(members):
         raise ValueError(
             f"Model {model.name!r} is not an ensemble made by keras_snapshot.build_ensemble with "
             f"fuse=False (no '{MEMBER_PREFIX}XX_<output>' layers found), so its members' outputs cannot "
             "be exposed. A fused ensemble holds its members stacked: rebuild with fuse=False."
         )
     return result
+
+
+def member_weights_of(model: keras.Model, members, key: str) -> list[float]:
+    """The members' weights in an ensemble made by `build_ensemble` (the Rescaling layers
+    `snapshot_XX_<output>_weight`; equal weights without them)."""
+    weights = []
+    for member in members:
+        try:
+            weights.append(float(model.get_layer(f"{member}_{key}_weight").scale))
+        except ValueError:
+            weights.append(1.0)
+    return weights
 
 
 # ---------------------------------------------------------------------------------------- public
@@ -103,6 +280,8 @@ def build_ensemble(
     safe_mode: bool = True,
     validation_data: tuple | None = None,
     fuse: bool = False,
+    temperature: float | str | None = None,
+    uncertainty: bool = False,
 ) -> keras.Model:
     """One functional Keras model whose outputs are the (weighted) mean of the snapshots' outputs.
 
@@ -128,7 +307,8 @@ def build_ensemble(
         name: the name of the ensemble model.
         safe_mode: load snapshot files in Keras's safe mode, which refuses Lambda layers holding
             Python code. Pass False only for files you trust.
-        validation_data: (x_val, y_val), used only with `weights="fit"`: held-out validation data,
+        validation_data: (x_val, y_val), used only with `weights="fit"` and/or
+            `temperature="fit"` (both fit on it, the weights first): held-out validation data,
             never the test set.
         fuse: stack the members' weights into one set of wider layers (one convolution with
             M x F filters, one `EinsumDense` holding the M dense kernels, ...) instead of M
@@ -139,6 +319,29 @@ def build_ensemble(
             else raises ValueError naming the layers. The outputs are the same to float rounding.
             Per-member outputs (`export_saved_model(..., member_outputs=True)`) need fuse=False.
             On TensorFlow, Keras runs the grouped convolutions of a fused CNN through XLA.
+        temperature: temperature scaling baked into the graph: the output becomes
+            softmax(log(p) / T) of the mean p (clipped to [1e-7, 1]; one sigmoid unit: the
+            two-class form, sigmoid((log p - log(1 - p)) / T)). A float T > 0, or "fit" to find the
+            T minimising the NLL on `validation_data` (`keras_snapshot.calibration.fit_temperature`;
+            never worse than T = 1 there). Built from built-in layers and ops: the mean is the layer
+            "<output>_mean", T is `1 / model.get_layer("temperature").scale`, and the file still
+            reloads without this package. The top-1 class does not change. Needs a single-output
+            classifier (softmax, or one sigmoid unit, or `output_activation` of these).
+        uncertainty: add per-example uncertainty outputs, each (batch,) float32, computed in the
+            graph; the model then has dict outputs. For a single (tensor) output: "predictions"
+            (the ensemble's output) plus "entropy" (of the predictions, in nats),
+            "mutual_information" (entropy of the members' mean minus the mean of the members'
+            entropies: their disagreement, epistemic) and "disagreement" (the fraction of members
+            whose top-1 class differs from the ensemble's) for a classifier, or "variance" (across
+            members, averaged over output units) for anything else. With list or dict outputs: the
+            output names, plus "<output>_entropy", ... per output. With `temperature`, "predictions"
+            and "entropy" are the calibrated ones; "mutual_information" and "disagreement" are
+            computed on the members as they are (temperature scaling does not change which member
+            disagrees, and the raw mean keeps the information decomposition exact). With weights,
+            every mean over members is weighted by them. An output is a classifier when it ends in
+            softmax or one sigmoid unit (its last layer, or `output_activation`); several sigmoid
+            units (multi-label) count as values. Works with `fuse=True` (the fused graph computes
+            the members' outputs stacked). `export_saved_model` serves the same keys.
 
     Returns:
         The ensemble, a functional `keras.Model` (not compiled).
@@ -147,7 +350,8 @@ def build_ensemble(
         FileNotFoundError: the directory or a snapshot file is missing (named in the message).
         ValueError: no snapshots, `last` out of range, a corrupt file or one refused by safe mode,
             members that disagree on their inputs or outputs, bad weights, members that cannot
-            be fused (with fuse=True).
+            be fused (with fuse=True), a temperature <= 0, "fit" without `validation_data`, a
+            temperature on a multi-output or non-classifier model, labels out of range.
 
     Example:
 
@@ -161,45 +365,110 @@ def build_ensemble(
     ensemble = keras_snapshot.build_ensemble("snapshots", last=2)
     probabilities = ensemble.predict(x, verbose=0)   # mean of snapshots 2 and 3
     ensemble.save("ensemble.keras")                  # reloads with plain keras.saving.load_model
+    # calibrated on held-out data, with uncertainty outputs for serving:
+    served = keras_snapshot.build_ensemble("snapshots", temperature="fit", validation_data=(x[:64], y[:64]),
+                                           uncertainty=True)
+    out = served.predict(x, verbose=0)  # {"predictions", "entropy", "mutual_information", "disagreement"}
     ```
     """
     name = _check_name(name)
     if not isinstance(safe_mode, bool):
         raise TypeError(f"`safe_mode` must be True or False, got {safe_mode!r}.")
+    if not isinstance(fuse, bool):
+        raise TypeError(f"`fuse` must be True or False, got {fuse!r}.")
+    if not isinstance(uncertainty, bool):
+        raise TypeError(f"`uncertainty` must be True or False, got {uncertainty!r}.")
     fit = isinstance(weights, str)
     if fit and weights != "fit":
         raise ValueError(f"`weights` must be None, a sequence of numbers or 'fit', got {weights!r}.")
-    if fit and validation_data is None:
+    temperature = check_temperature(temperature)
+    fit_temperature = temperature == "fit"
+    for wanted, what in ((fit, "weights='fit'"), (fit_temperature, "temperature='fit'")):
+        if wanted and validation_data is None:
+            raise ValueError(
+                f"{what} needs validation_data=(x_val, y_val): held-out validation data, never the test set."
+            )
+    if not (fit or fit_temperature) and validation_data is not None:
         raise ValueError(
-            "weights='fit' needs validation_data=(x_val, y_val): held-out validation data, never the test set."
+            "`validation_data` is only used with weights='fit' or temperature='fit'; drop it or pass one "
+            "of these."
         )
-    if not fit and validation_data is not None:
-        raise ValueError("`validation_data` is only used with weights='fit'; drop it or pass weights='fit'.")
+    if fit_temperature:
+        x_val, y_val = check_validation_data(validation_data)
+        y_val = check_targets(y_val, rows_of(x_val, "validation_data[0]"), "validation_data[1]")
     # Cheap checks first: a bad `last` or a wrong weight count must not cost M loads.
     count = len(snapshot_sources(snapshots, last))
     if weights is not None and not fit:
         weights = check_weights(weights, count)
-    if not isinstance(fuse, bool):
-        raise TypeError(f"`fuse` must be True or False, got {fuse!r}.")
     members = load_members(snapshots, last, safe_mode)
     inputs, keys, output_struct, activations = frame(members, output_activation)
+    kinds = {
+        key: output_kind(members[0].model, key, activations[key], position)
+        for position, key in enumerate(keys)
+    }
+    if temperature is not None:
+        if len(keys) != 1 or kinds[keys[0]] == "values":
+            raise ValueError(
+                "Temperature scaling needs a single-output classifier (an output ending in softmax or one "
+                f"sigmoid unit, or output_activation='softmax' for logits); these members have outputs "
+                f"{ {key: kinds[key] for key in keys} } (kind 'values' = not probabilities)."
+            )
+        if fit_temperature:
+            units = output_items(members[0].model)[0][1].shape[-1] if kinds[keys[0]] == "classes" else 2
+            labels(y_val, len(y_val), units, "validation_data[1]")  # before any prediction
     # The branches are built only where they are used: the branch graph, or the weight fit.
     taps = call_members(members, inputs, keys, activations) if fit or not fuse else None
+    stacks = None
     if fit:
-        x_val, y_val = check_validation_data(validation_data)
-        stacks = predict_taps(members, inputs, keys, taps, x_val)  # each member runs once
-        weights = fitted_weights(stacks, keys, output_struct, y_val, None, max_iter=1000)
-    if not fuse:
-        return combine(inputs, keys, output_struct, taps, weights, name)
+        x_val_w, y_val_w = check_validation_data(validation_data)
+        stacks = predict_taps(members, inputs, keys, taps, x_val_w)  # each member runs once
+        weights = fitted_weights(stacks, keys, output_struct, y_val_w, None, max_iter=1000)
     if weights is None:
         weights = np.full(len(members), 1.0 / len(members))
+        equal = True
+    else:
+        equal = False
     kept = [i for i, weight in enumerate(weights) if weight > 0]
-    combined = fusion.fuse_members(
-        [members[i].model for i in kept],
-        [members[i].label for i in kept],
-        inputs,
-        keys,
-        [float(weights[i]) for i in kept],
-        activations,
-    )
-    return assemble(inputs, keys, output_struct, combined, name)
+    member_stacks = {}
+    if not fuse:
+        means = mean_tensors(keys, taps, None if equal else weights)
+        if uncertainty:
+            member_stacks = {
+                key: keras.ops.stack([taps[members[i].name][key] for i in kept], axis=1) for key in keys
+            }
+    else:
+        means = fusion.fuse_members(
+            [members[i].model for i in kept],
+            [members[i].label for i in kept],
+            inputs,
+            keys,
+            [float(weights[i]) for i in kept],
+            activations,
+            member_stacks=member_stacks if uncertainty else None,
+        )
+    outputs = dict(means)
+    if temperature is not None:
+        key = keys[0]
+        if fit_temperature:
+            if stacks is not None:  # the members' validation outputs are known: no second pass
+                p_val = np.tensordot(np.asarray(weights, dtype="float64"), stacks[key], axes=1)
+            else:
+                p_val = keras.Model(inputs, means[key]).predict(x_val, verbose=0)
+            temperature = calibration.temperature_from_probabilities(p_val, y_val)
+        # The scaled output takes the output's name; the mean before scaling becomes "<key>_mean".
+        keras.Model(inputs, means[key]).get_layer(key).name = f"{key}{MEAN_SUFFIX}"
+        outputs[key] = temperature_head(means[key], float(temperature), kinds[key], key)
+    if not uncertainty:
+        return assemble(inputs, keys, output_struct, outputs, name)
+    single = not isinstance(output_struct, (dict, list, tuple))
+    kept_weights = [float(weights[i]) for i in kept]
+    measures = {}
+    for key in keys:
+        if key in member_stacks:
+            stack, stack_weights = member_stacks[key], kept_weights
+        else:  # a fused output every member computes alike
+            stack, stack_weights = keras.ops.expand_dims(means[key], 1), [1.0]
+        measures[key] = uncertainty_tensors(
+            stack, means[key], outputs[key], stack_weights, kinds[key], "" if single else f"{key}_"
+        )
+    return keras.Model(inputs, uncertainty_outputs(keys, single, outputs, measures), name=name)

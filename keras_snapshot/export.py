@@ -12,14 +12,23 @@ from pathlib import Path
 
 import keras
 
-from keras_snapshot.ensemble import member_output_tensors
+from keras_snapshot.ensemble import (
+    CLASSIFIER_MEASURES,
+    MEAN_SUFFIX,
+    PREDICTIONS_KEY,
+    REGRESSOR_MEASURES,
+    member_output_tensors,
+    member_weights_of,
+    output_kind,
+    uncertainty_tensors,
+)
 from keras_snapshot.manifest import TEMP_PREFIX
 from keras_snapshot.members import output_items, structures
 
 __all__ = ["export_saved_model"]
 
 FORMATS = ("tf_saved_model", "onnx")
-SINGLE_OUTPUT_KEY = "predictions"
+SINGLE_OUTPUT_KEY = PREDICTIONS_KEY
 ONNX_FILENAME = "model.onnx"
 
 
@@ -68,11 +77,12 @@ def _backend_problem(format: str) -> str | None:
     )
 
 
-def _serving_model(model: keras.Model, member_outputs: bool):
+def _serving_model(model: keras.Model, member_outputs: bool, uncertainty: bool = False):
     """A functional view of `model` with dict inputs and dict outputs under stable names.
 
     It shares the model's layers and graph (nothing is copied or computed twice), so the member
-    outputs come from the same member calls as the ensemble's own outputs.
+    outputs and the uncertainty outputs come from the same member calls as the ensemble's own
+    outputs.
     """
     inputs, outputs = structures(model, f"model {model.name!r}")
     if isinstance(inputs, dict):
@@ -86,22 +96,77 @@ def _serving_model(model: keras.Model, member_outputs: bool):
         # Auto-generated layer names ("dense_3") change from one training session to the next;
         # clients need a key that never does.
         named_outputs = {SINGLE_OUTPUT_KEY: items[0][1]}
+    # A model from build_ensemble(..., uncertainty=True) already has its uncertainty outputs.
+    built_in = _has_uncertainty(named_outputs)
+    taps = None
+    if member_outputs or (uncertainty and not built_in):
+        try:
+            taps = member_output_tensors(model)
+        except ValueError as error:
+            if not uncertainty or member_outputs:
+                raise
+            raise ValueError(
+                f"uncertainty=True needs the members' outputs, and model {model.name!r} does not expose "
+                "them: it is not an ensemble from build_ensemble, or a fused one (fuse=True holds its "
+                "members stacked inside the graph). Build it with build_ensemble(..., uncertainty=True) "
+                "(works with fuse=True too), or with fuse=False."
+            ) from error
+    member_keys = list(next(iter(taps.values()))) if taps else []
+    # One member output per member: the members' outputs are "snapshot_XX".
+    single = len(member_keys) == 1 and (
+        not isinstance(outputs, (dict, list, tuple))
+        or (built_in and SINGLE_OUTPUT_KEY in named_outputs and member_keys[0] not in named_outputs)
+    )
+    extra = {}
     if member_outputs:
-        single = len(items) == 1 and not isinstance(outputs, (dict, list, tuple))
-        for member, taps in member_output_tensors(model).items():
-            for key, tensor in taps.items():
-                output_key = member if single else f"{member}_{key}"
-                if output_key in named_outputs or output_key in named_inputs:
-                    raise ValueError(
-                        f"The member output {output_key!r} clashes with a name the model already uses."
-                    )
-                named_outputs[output_key] = tensor
+        for member, member_taps in taps.items():
+            for key, tensor in member_taps.items():
+                extra[member if single else f"{member}_{key}"] = tensor
+    if uncertainty and not built_in:
+        extra.update(_uncertainty(model, taps, member_keys, named_outputs, items, outputs))
+    for key, tensor in extra.items():
+        if key in named_outputs or key in named_inputs:
+            raise ValueError(f"The output {key!r} clashes with a name the model already uses.")
+        named_outputs[key] = tensor
     view = keras.Model(named_inputs, named_outputs, name=f"{model.name}_serving")
     signature = {
         key: keras.InputSpec(shape=tuple(tensor.shape), dtype=tensor.dtype, name=key)
         for key, tensor in named_inputs.items()
     }
     return view, signature
+
+
+def _has_uncertainty(named_outputs: dict) -> bool:
+    measures = CLASSIFIER_MEASURES + REGRESSOR_MEASURES
+    return any(key in measures or key.endswith(tuple(f"_{m}" for m in measures)) for key in named_outputs)
+
+
+def _uncertainty(model, taps, member_keys, named_outputs, items, outputs) -> dict:
+    """The uncertainty outputs of a build_ensemble model, added to its graph (see build_ensemble)."""
+    members = list(taps)
+    plain = not isinstance(outputs, (dict, list, tuple))
+    ensemble_outputs = {items[0][0]: items[0][1]} if plain else dict(items)
+    result = {}
+    for position, key in enumerate(member_keys):
+        if key not in ensemble_outputs:
+            raise ValueError(
+                f"Model {model.name!r} has member outputs {member_keys} but outputs {list(ensemble_outputs)}: "
+                "it is not an ensemble made by build_ensemble."
+            )
+        predictions = ensemble_outputs[key]
+        try:
+            mean = model.get_layer(f"{key}{MEAN_SUFFIX}").output  # the mean before temperature scaling
+        except ValueError:
+            mean = predictions
+        tap_layer = model.get_layer(f"{members[0]}_{key}")
+        activation = getattr(tap_layer.activation, "__name__", None)
+        kind = output_kind(model.get_layer(members[0]), key, activation, position)
+        stack = keras.ops.stack([taps[member][key] for member in members], axis=1)
+        weights = member_weights_of(model, members, key)
+        result.update(
+            uncertainty_tensors(stack, mean, predictions, weights, kind, "" if plain else f"{key}_")
+        )
+    return result
 
 
 def _all_layers(model: keras.Model):
@@ -132,6 +197,7 @@ def export_saved_model(
     version: int | None = None,
     *,
     member_outputs: bool = False,
+    uncertainty: bool = False,
     overwrite: bool = False,
     format: str = "tf_saved_model",
     verbose: bool = False,
@@ -146,7 +212,12 @@ def export_saved_model(
       or its dict keys;
     - with `member_outputs=True` (an ensemble made by `build_ensemble`), also each member's
       output, after `output_activation`: "snapshot_01", "snapshot_02", ... (or
-      "snapshot_01_<output>" for several outputs), for disagreement and uncertainty estimates.
+      "snapshot_01_<output>" for several outputs), for disagreement and uncertainty estimates;
+    - with `uncertainty=True` (an ensemble made by `build_ensemble`), also per-example (batch,)
+      float32 outputs computed in the graph: "entropy" (of the predictions, in nats),
+      "mutual_information" and "disagreement" for a classifier, "variance" otherwise
+      ("<output>_entropy", ... for list or dict outputs); the same keys, definitions and values
+      as `build_ensemble(..., uncertainty=True)`, whose models export them as they are.
 
     The version is written atomically: the SavedModel goes to a hidden temporary folder in
     `export_dir` (which TF Serving ignores, as it is not an integer) and is renamed to the
@@ -162,6 +233,8 @@ def export_saved_model(
             missing.
         version: a positive integer; None takes the next free one (1 in an empty directory).
         member_outputs: also expose each member's output (needs a `build_ensemble` model).
+        uncertainty: also serve the uncertainty outputs (needs a `build_ensemble` model built
+            with fuse=False, or one built with `uncertainty=True`, fused or not).
         overwrite: replace an existing version folder instead of refusing.
         format: "tf_saved_model", or "onnx" (writes `<version>/model.onnx`, the layout of
             Triton's model repository, with the same input and output names; needs
@@ -199,7 +272,9 @@ def export_saved_model(
         raise ValueError(
             f"Model {model.name!r} is not built: call it on data (or build it) before exporting."
         )
-    view, signature = _serving_model(model, bool(member_outputs))
+    if not isinstance(uncertainty, bool):
+        raise TypeError(f"`uncertainty` must be True or False, got {uncertainty!r}.")
+    view, signature = _serving_model(model, bool(member_outputs), uncertainty)
     problem = _backend_problem(format)
     if problem:
         raise RuntimeError(problem)
