@@ -533,3 +533,24 @@ def test_command_line_syntax_errors_exit_2(capsys, tmp_path):
             main([str(a) for a in args])
         assert raised.value.code == 2
     capsys.readouterr()
+
+
+def test_library_messages_are_put_in_option_terms():
+    from keras_snapshot.cli import _cli_terms
+    from keras_snapshot.members import check_last
+
+    with pytest.raises(ValueError) as raised:
+        check_last(9, 3, "'snapshots'")
+    assert _cli_terms(str(raised.value)) == (
+        "--last 9 is out of range: 'snapshots' holds 3 snapshot(s). Pass 1 <= --last <= 3, or no --last "
+        "for all of them."
+    )
+    assert _cli_terms("Pass another version, version=None for the next free one, or overwrite=True.") == (
+        "Pass another version, no --version for the next free one, or --overwrite."
+    )
+    assert _cli_terms("pass output_activation='softmax' when") == "pass --output-activation softmax when"
+    assert (
+        _cli_terms("Pass safe_mode=False only for files you trust.")
+        == "Pass --unsafe only for files you trust."
+    )
+    assert _cli_terms("the last snapshot; keras_version=3.10") == "the last snapshot; keras_version=3.10"
