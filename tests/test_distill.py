@@ -40,7 +40,7 @@ def test_unlabeled_student_approaches_the_teacher(teacher, digits):
     x, _, x_test, _ = digits
     student = make_digits_model(seed=7)  # compiled with SGD: distill keeps its optimizer
     before = kl(p_train, predict(student, x))
-    returned = distill(directory, x, student=student, epochs=8, temperature=2.0, verbose=0)
+    returned = distill(directory, x, student=student, epochs=4, temperature=2.0, verbose=0)
     assert returned is student
     after = kl(p_train, predict(student, x))
     agreement = float(np.mean(predict(student, x_test).argmax(-1) == p_test.argmax(-1)))
@@ -61,7 +61,7 @@ def test_default_student_with_labels(teacher, digits, tmp_path):
         y=y,
         alpha=0.3,
         validation_data=(x_test, y_test),
-        epochs=6,
+        epochs=4,
         optimizer=keras.optimizers.Adam(0.01),
         callbacks=[keras_snapshot.SnapshotCallback(snapshots, cycles=2, initial_learning_rate=0.01)],
         verbose=0,
@@ -73,7 +73,7 @@ def test_default_student_with_labels(teacher, digits, tmp_path):
     _, accuracy = student.evaluate(x_test, y_test, verbose=0)  # re-compiled: sparse CE + accuracy
     agreement = float(np.mean(predict(student, x_test).argmax(-1) == p_test.argmax(-1)))
     print(f"labelled student: test accuracy {accuracy:.3f}, agreement {agreement:.3f}")
-    assert accuracy > 0.8 and agreement > 0.8
+    assert accuracy > 0.75 and agreement > 0.75  # chance: 0.1
     # Callbacks ran on the student: its snapshots make an ensemble.
     assert sorted(p.name for p in snapshots.glob("*.keras")) == ["snapshot-01.keras", "snapshot-02.keras"]
     assert build_ensemble(snapshots).predict(x_test[:4], verbose=0).shape == (4, 10)
