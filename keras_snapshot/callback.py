@@ -477,7 +477,7 @@ class SnapshotCallback(keras.callbacks.Callback):
                 self._done_cycles.add(cycle)
 
     def on_epoch_end(self, epoch, logs=None):
-        if self._step is not None and self._execution == 1:
+        if self._step is not None:
             self._check_step_count()
         if self._step and logs is not None:
             logs["learning_rate"] = self._rate(self._step)
@@ -555,7 +555,8 @@ class SnapshotCallback(keras.callbacks.Callback):
         )
 
     def _check_step_count(self) -> None:
-        """One batch hook per step: the count must equal the optimizer's iterations."""
+        """At epoch end (where reading it costs no state sync): the step must equal the optimizer's
+        iterations, counted (one batch hook per step) or read inside the epoch."""
         iterations = int(np.asarray(keras.ops.convert_to_numpy(self.model.optimizer.iterations)))
         if iterations == self._step:
             return

@@ -406,10 +406,17 @@ class _Probe:
 
 def _check_fusion() -> str | None:
     try:
-        inner = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="probe_inner")])
-        inputs = keras.Input((2,), name="probe_input")
-        dense = keras.layers.Dense(2, name="probe_dense")
-        model = keras.Model(inputs, inner(dense(inputs)))
+        # Every name given: auto-naming would move the counters behind the user's own models' names.
+        inner = keras.Sequential(
+            [
+                keras.Input((2,), name="keras_snapshot_probe_inner_input"),
+                keras.layers.Dense(1, name="probe_inner"),
+            ],
+            name="keras_snapshot_probe_inner",
+        )
+        inputs = keras.Input((2,), name="keras_snapshot_probe_input")
+        dense = keras.layers.Dense(2, name="keras_snapshot_probe_dense")
+        model = keras.Model(inputs, inner(dense(inputs)), name="keras_snapshot_probe")
         graph = sequential_graph(inner)
         if graph is None or not any(op is inner.layers[0] for op in graph.operations):
             return "Sequential._functional does not hold the Sequential's layers"
