@@ -487,7 +487,9 @@ def distill(
         _refuse_streams(y, "y")
     x_val = y_val = None
     if validation_data is not None:
-        if isinstance(validation_data, tuple) and len(validation_data) in (1, 2):
+        # As in Keras: a tuple is (x_val, y_val) or (x_val,); with `y`, a two-item list is (x_val, y_val) too.
+        pair = isinstance(validation_data, list) and len(validation_data) == 2 and y is not None
+        if (isinstance(validation_data, tuple) and len(validation_data) in (1, 2)) or pair:
             x_val = validation_data[0]
             y_val = validation_data[1] if len(validation_data) == 2 else None
         else:

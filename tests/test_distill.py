@@ -160,6 +160,12 @@ def test_bad_arguments_fail_before_training(teacher, kwargs, error, match):
         distill(directory, **arguments)
 
 
+def test_fused_ensemble_needs_a_student(teacher):
+    fused = build_ensemble(teacher[0], fuse=True)
+    with pytest.raises(ValueError, match="fused ensemble"):
+        distill(fused, np.zeros((8, 64), "float32"), verbose=0)
+
+
 def test_student_with_other_outputs_refused(teacher):
     inputs = keras.Input((64,), name="pixels")
     student = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
