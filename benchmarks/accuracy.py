@@ -9,8 +9,25 @@ Methods, all with the same CNN, the same epoch budget B, batch 64 and SGD + Nest
 
 The single model and NoCycle come from one run per seed (the single model is its final state). Every
 configuration reports validation and test error; the snapshot configuration (alpha0, M) is chosen on the
-validation split only, never on the test set. Writes <name>.md, <name>.json (aggregates) and
-<name>.runs.jsonl (one line per run) plus lr_schedule.png and ensemble_size.png into --output-dir.
+validation split only, never on the test set.
+
+Then, per seed, an evaluation run on the selected configuration (keras_snapshot's own functions):
+
+- calibration (keras_snapshot.evaluation.evaluate_ensemble): test NLL, ECE, Brier of the single model, NoCycle
+  and the snapshot ensemble, before and after temperature scaling with T fitted on the validation split;
+- selective prediction: test error of the 80% most certain test images, the ensemble ranked by its mutual
+  information (build_ensemble(uncertainty=True)) or its max probability, the single model by its max probability;
+- "distilled student (1x cost)": keras_snapshot.distill from the snapshot ensemble on the training inputs
+  (labels mixed in), --distill-epochs epochs with the single model's recipe (SGD + Nesterov, rate 0.1 dropped
+  x0.1 at 50% and 75%), counted in the table;
+- "weight average (1x cost)": keras_snapshot.average_weights (batch-norm statistics recomputed on the training
+  inputs, guard measured on the validation split) of (a) the snapshot ensemble's snapshots and (b) same-basin
+  snapshots: the single run's NoCycle snapshots after its first rate drop; whether the guard fired.
+
+The targets of issues 11 and 12 are checked and printed MET / NOT MET. Snapshots stay on disk
+(--snapshot-dir), so the evaluation can be re-run alone (--evaluate-only). Writes <name>.md, <name>.json
+(aggregates) and <name>.runs.jsonl (one line per run) plus four pictures, <name>.lr_schedule.png,
+<name>.ensemble_size.png, <name>.reliability.png and <name>.selective.png, into --output-dir.
 
     python benchmarks/accuracy.py --quick      # smoke test on digits (seconds of training), no accuracy claim
 
@@ -18,11 +35,13 @@ validation split only, never on the test set. Writes <name>.md, <name>.json (agg
     # alpha0 in {0.1, 0.2}, 3 seeds, width 32 = the defaults; 15 runs in parallel on one GPU, about 4 minutes
     KERAS_BACKEND=jax python benchmarks/accuracy.py --jobs 15 --steps-per-execution 32 --name accuracy.e24
 
-    # a reduced protocol that a 2-core CPU finishes in well under an hour (cycles of 6 epochs)
-    python benchmarks/accuracy.py --train-size 12000 --epochs 30 --cycles 5 --seeds 0 1 --width 16
+    # a reduced protocol for a 2-core CPU (cycles of 6 epochs); see benchmarks/results/accuracy.cpu.md
+    python benchmarks/accuracy.py --train-size 12000 --epochs 30 --cycles 5 --alphas 0.2 --seeds 0 1 \
+        --width 16 --jobs 2 --name accuracy.cpu
 
 Settings that are not the protocol: --jobs, --steps-per-execution (in-graph schedules keep the learning rate
-exact per step), --time-limit. Runs share one accelerator, so no process pre-allocates its memory.
+exact per step), --time-limit, --snapshot-dir. Runs share one accelerator, so no process pre-allocates its
+memory; on a CPU, parallel runs split the cores between them (one thread pool each).
 """
 
 from __future__ import annotations
@@ -34,11 +53,12 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -62,6 +82,7 @@ QUICK = {
     "seeds": [0],
     "width": 4,
     "batch_size": 64,
+    "distill_epochs": 2,
 }
 QUICK_OUTPUT = ROOT / "build" / "benchmark-quick"
 
@@ -88,6 +109,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--width", type=int, default=32, help="CNN width (filters of the first convolutions)")
+    parser.add_argument(
+        "--distill-epochs",
+        type=int,
+        default=None,
+        help="epochs of the distilled student, counted in its budget (default: --epochs, the single model's)",
+    )
+    parser.add_argument(
+        "--student-init",
+        default="scratch",
+        choices=("scratch", "snapshot"),
+        help="the student starts fresh (distill's default) or from the last snapshot's weights",
+    )
+    parser.add_argument(
+        "--no-evaluate",
+        action="store_true",
+        help="train and report errors only (no calibration, student or weight average)",
+    )
+    parser.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="keep the training runs of <name>.runs.jsonl and their snapshots; redo the evaluation runs",
+    )
+    parser.add_argument(
+        "--snapshot-dir",
+        default=None,
+        help="where the runs keep their snapshots (default: build/<name>.snapshots, or <output-dir>/"
+        "<name>.snapshots when --output-dir is given)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, each in its own process")
     parser.add_argument(
         "--steps-per-execution", type=int, default=1, help="training steps per compiled call (not torch)"
@@ -113,6 +162,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--machine", default=None, help="describe the machine in the report (default: detected)"
     )
+    parser.add_argument(
+        "--note", default="", help="a sentence for the report's header (e.g. why the protocol is reduced)"
+    )
     parser.add_argument("--verbose", type=int, default=2, choices=(0, 2), help="2: a line per epoch")
     parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -120,9 +172,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
+    explicit_output = args.output_dir is not None
     args.output_dir = Path(
         args.output_dir or (QUICK_OUTPUT if args.quick else ROOT / "benchmarks" / "results")
     )
+    if args.distill_epochs is None:
+        args.distill_epochs = args.epochs
+    if args.snapshot_dir is None:
+        base = args.output_dir if explicit_output or args.quick else ROOT / "build"
+        args.snapshot_dir = base / f"{args.name}.snapshots"
+    args.snapshot_dir = Path(args.snapshot_dir)
+    if args.distill_epochs < 1:
+        parser.error("--distill-epochs must be >= 1")
     bad = [m for m in args.cycles if m < 1 or args.epochs % m]
     if bad:
         parser.error(
@@ -131,6 +192,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.jobs < 1 or args.steps_per_execution < 1:
         parser.error("--jobs and --steps-per-execution must be >= 1")
     return args
+
+
+# Flags that say how or where this invocation ran, not what was measured: left out of the recorded command.
+PHASE_FLAGS = {"--resume": 0, "--aggregate-only": 0, "--evaluate-only": 0, "--snapshot-dir": 1, "--note": 1}
+
+
+def protocol_argv(argv: list[str]) -> list[str]:
+    out, skip = [], 0
+    for item in argv:
+        if skip:
+            skip -= 1
+            continue
+        name = item.split("=", 1)[0]
+        if name in PHASE_FLAGS:
+            skip = PHASE_FLAGS[name] if "=" not in item else 0
+            continue
+        out.append(item)
+    return out
 
 
 def protocol(args) -> dict:
@@ -166,7 +245,18 @@ def tasks(args) -> list[dict]:
 def task_key(task: dict) -> str:
     if task["method"] == "step":
         return f"step-seed{task['seed']}"
+    if task["method"] == "evaluate":
+        return f"evaluate-{task['config']}-seed{task['seed']}"
     return f"snapshot-a{task['alpha0']:g}-M{task['cycles']}-seed{task['seed']}"
+
+
+def nocycle_file(args, seed: int, epoch: int) -> Path:
+    """The single run's weights at the end of `epoch`, saved as a .keras file (a NoCycle snapshot)."""
+    return args.snapshot_dir / f"step-seed{seed}" / f"epoch-{epoch:03d}.keras"
+
+
+def nocycle_epochs(args, cycles: int) -> list[int]:
+    return [args.epochs // cycles * k for k in range(1, cycles + 1)]
 
 
 # ------------------------------------------------------------------------------------------------ one run
@@ -186,6 +276,8 @@ def run_task(args, task: dict, data=None) -> dict:
 
     if data is None:
         data = load_data(args, load_dataset)
+    if task["method"] == "evaluate":
+        return run_evaluation(args, task, data)
     label = task_key(task)
     started = time.perf_counter()
     model = build_cnn(data.input_shape, data.num_classes, width=args.width, seed=task["seed"])
@@ -211,6 +303,8 @@ def run_task(args, task: dict, data=None) -> dict:
         probabilities = {}
         for epoch, weights in kept.items():
             model.set_weights(weights)
+            nocycle_file(args, task["seed"], epoch).parent.mkdir(parents=True, exist_ok=True)
+            model.save(nocycle_file(args, task["seed"], epoch))
             probabilities[epoch] = (
                 predict_probabilities(model, data.x_val),
                 predict_probabilities(model, data.x_test),
@@ -222,37 +316,170 @@ def run_task(args, task: dict, data=None) -> dict:
         }
         record["nocycle"] = {}
         for m in args.cycles:
-            epochs = [args.epochs // m * k for k in range(1, m + 1)]
+            epochs = nocycle_epochs(args, m)
             record["nocycle"][str(m)] = {
                 "epochs": epochs,
                 "val": ensemble_errors([probabilities[e][0] for e in epochs], data.y_val),
                 "test": ensemble_errors([probabilities[e][1] for e in epochs], data.y_test),
             }
     else:
-        with tempfile.TemporaryDirectory(prefix="snapshots-") as directory:
-            history = train_snapshots(
-                model,
-                data,
-                Path(directory) / "run",
-                cycles=task["cycles"],
-                alpha0=task["alpha0"],
-                in_graph=True,
-                announce=False,
-                verbose=args.verbose,
-                label=label,
-                **common,
-            )
-            trained = time.perf_counter()
-            snapshots = load_snapshots(Path(directory) / "run")
-            record["val"] = ensemble_errors(
-                [predict_probabilities(s, data.x_val) for s in snapshots], data.y_val
-            )
-            record["test"] = ensemble_errors(
-                [predict_probabilities(s, data.x_test) for s in snapshots], data.y_test
-            )
+        directory = args.snapshot_dir / label
+        if directory.exists():  # an earlier run of this task: start afresh
+            shutil.rmtree(directory)
+        history = train_snapshots(
+            model,
+            data,
+            directory,
+            cycles=task["cycles"],
+            alpha0=task["alpha0"],
+            in_graph=True,
+            announce=False,
+            verbose=args.verbose,
+            label=label,
+            **common,
+        )
+        trained = time.perf_counter()
+        snapshots = load_snapshots(directory)
+        record["val"] = ensemble_errors([predict_probabilities(s, data.x_val) for s in snapshots], data.y_val)
+        record["test"] = ensemble_errors(
+            [predict_probabilities(s, data.x_test) for s in snapshots], data.y_test
+        )
     record["train_loss"] = history["loss"]
     record["seconds"] = {"train": trained - started, "total": time.perf_counter() - started}
     return record
+
+
+def run_evaluation(args, task: dict, data) -> dict:
+    """Calibration, selective prediction, distilled student and weight averages of one seed (see the module
+    docstring), every number from keras_snapshot's functions. A part that fails is recorded as failed (with
+    its error) and the others still run."""
+    import keras
+    from training import (
+        COVERAGES,
+        EpochLog,
+        average_with_guard,
+        calibration_row,
+        predict_probabilities,
+        reliability_bins,
+        selective_errors,
+        sgd,
+        step_schedule,
+    )
+
+    seed = task["seed"]
+    alpha0, cycles = task["alpha0"], task["cycles"]
+    label = task_key(task)
+    snapshot_dir = args.snapshot_dir / task_key(
+        {"method": "snapshot", "alpha0": alpha0, "cycles": cycles, "seed": seed}
+    )
+    epochs = nocycle_epochs(args, cycles)
+    nocycle = [nocycle_file(args, seed, e) for e in epochs]
+    single = nocycle_file(args, seed, args.epochs)
+    # Same basin: the single run's snapshots after its first rate drop (at least the last two).
+    basin = [e for e in epochs if e > args.epochs / 2]
+    basin = basin if len(basin) >= 2 else epochs[-2:]
+    started = time.perf_counter()
+    record = {
+        "task": label,
+        **task,
+        "protocol": protocol_id(args),
+        "backend": keras.backend.backend(),
+        "distill_epochs": args.distill_epochs,
+        "student_init": args.student_init,
+        "same_basin_epochs": basin,
+        "failed": {},
+        "seconds": {},
+    }
+
+    def part(name, work):
+        began = time.perf_counter()
+        try:
+            record[name] = work()
+        except Exception as error:  # recorded: the other parts are still worth having
+            traceback.print_exc()
+            record["failed"][name] = f"{type(error).__name__}: {error}"
+        record["seconds"][name] = time.perf_counter() - began
+        print(f"{label} {name} done in {record['seconds'][name]:.0f}s", flush=True)
+
+    def calibration():
+        return {
+            "single": calibration_row([str(single)], data),
+            "nocycle": calibration_row([str(p) for p in nocycle], data),
+            "snapshot": calibration_row(str(snapshot_dir), data),
+        }
+
+    def selective():
+        from keras_snapshot.ensemble import build_ensemble
+
+        served = build_ensemble(str(snapshot_dir), uncertainty=True).predict(
+            data.x_test, batch_size=256, verbose=0
+        )
+        ensemble = np.asarray(served["predictions"], dtype=np.float64)
+        information = np.asarray(served["mutual_information"], dtype=np.float64)
+        alone = predict_probabilities(keras.saving.load_model(single, compile=False), data.x_test)
+        curves = {
+            "ensemble_mi": selective_errors(ensemble, data.y_test, information),
+            "ensemble_maxprob": selective_errors(ensemble, data.y_test, -ensemble.max(axis=-1)),
+            "single_maxprob": selective_errors(alone, data.y_test, -alone.max(axis=-1)),
+        }
+        return {
+            "coverages": list(COVERAGES),
+            "curves": curves,
+            "at_80": {key: errors[COVERAGES.index(0.8)] for key, errors in curves.items()},
+            "reliability": {
+                "single": reliability_bins(alone, data.y_test),
+                "snapshot": reliability_bins(ensemble, data.y_test),
+            },
+        }
+
+    def student():
+        from keras_snapshot.distill import distill
+
+        steps = math.ceil(len(data.x_train) / args.batch_size) * args.distill_epochs
+        if args.student_init == "snapshot":
+            members = sorted(snapshot_dir.glob("*.keras"))
+            model = keras.saving.load_model(members[-1], compile=False)
+        else:
+            model = None  # distill's default: a fresh copy of the members' architecture
+        keras.utils.set_random_seed(1000 + seed)
+        trained = distill(
+            str(snapshot_dir),
+            data.x_train,
+            y=data.y_train,
+            student=model,
+            epochs=args.distill_epochs,
+            batch_size=args.batch_size,
+            optimizer=sgd(step_schedule(args.single_alpha0, steps)),
+            callbacks=[EpochLog(f"{label} student", args.distill_epochs)] if args.verbose == 2 else [],
+            verbose=0,
+        )
+        row = calibration_row([trained], data)
+        defaults = inspect_defaults(distill, ("temperature", "alpha"))
+        return {"row": row, "epochs": args.distill_epochs, "init": args.student_init, **defaults}
+
+    def averaging():
+        out = {}
+        for key, sources in (
+            ("snapshot", str(snapshot_dir)),
+            ("same_basin", [str(nocycle_file(args, seed, e)) for e in basin]),
+        ):
+            model, guard = average_with_guard(sources, data)
+            out[key] = {"row": calibration_row([model], data), **guard}
+        return out
+
+    part("calibration", calibration)
+    part("selective", selective)
+    part("student", student)
+    part("averaging", averaging)
+    record["seconds"]["total"] = time.perf_counter() - started
+    return record
+
+
+def inspect_defaults(function, names) -> dict:
+    import inspect
+
+    parameters = inspect.signature(function).parameters
+    return {f"{name}_default": parameters[name].default for name in names if name in parameters}
 
 
 def load_data(args, load_dataset):
@@ -282,6 +509,10 @@ def read_records(path: Path) -> list[dict]:
 def run_parallel(args, todo: list[dict], runs_path: Path) -> list[str]:
     """Runs each task in its own process, `args.jobs` at a time; returns the keys of tasks that failed."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.jobs > 1:  # on a CPU, the runs split the cores instead of each oversubscribing all of them
+        threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+        for name in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+            env.setdefault(name, threads)
     deadline = time.monotonic() + args.time_limit if args.time_limit else None
     pending, running, failed = list(todo), {}, []
     lock = threading.Lock()
@@ -298,6 +529,7 @@ def run_parallel(args, todo: list[dict], runs_path: Path) -> list[str]:
         while pending and len(running) < args.jobs:
             task = pending.pop(0)
             command = [*base, "--run-one", json.dumps(task), "--output-dir", str(args.output_dir)]
+            command += ["--snapshot-dir", str(args.snapshot_dir)]
             process = subprocess.Popen(
                 command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )
@@ -321,6 +553,23 @@ def run_parallel(args, todo: list[dict], runs_path: Path) -> list[str]:
             break
         time.sleep(0.5)
     return failed
+
+
+def run_all(args, todo: list[dict], runs_path: Path, data) -> list[str]:
+    """Runs `todo` in this process (--jobs 1) or in child processes; returns the keys of the failed ones."""
+    if args.jobs > 1:
+        return run_parallel(args, todo, runs_path)
+    failed = []
+    for number, task in enumerate(todo, 1):
+        print(f"--- run {number}/{len(todo)}: {task_key(task)}", flush=True)
+        append_record(runs_path, run_task(args, task, data))
+    return failed
+
+
+def result_config(key: str) -> dict:
+    """{"alpha0", "cycles"} of a configuration key such as "snapshot-a0.2-M5"."""
+    _, alpha, cycles = key.split("-")
+    return {"alpha0": float(alpha[1:]), "cycles": int(cycles[1:])}
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -378,7 +627,146 @@ def aggregate(args, records: list[dict]) -> dict:
                 "paired_gains": paired,
                 "wins": f"{sum(g > 0 for g in paired)}/{len(paired)} seeds",
             }
+        result["evaluation"] = aggregate_evaluation(records, key)
     return result
+
+
+CALIBRATION_METRICS = ("error_%", "nll", "ece", "brier", "temperature", "nll_ts", "ece_ts", "brier_ts")
+EVALUATED = {
+    "single": "single model (step schedule)",
+    "nocycle": "NoCycle snapshot ensemble",
+    "snapshot": "snapshot ensemble (selected)",
+    "student": "distilled student (1x cost)",
+    "average_snapshot": "weight average (1x cost), the snapshots",
+    "average_same_basin": "weight average (1x cost), same basin",
+}
+SELECTIVE = {
+    "ensemble_mi": "snapshot ensemble, ranked by mutual information",
+    "ensemble_maxprob": "snapshot ensemble, ranked by max probability",
+    "single_maxprob": "single model, ranked by max probability",
+}
+
+
+def evaluation_rows(record: dict) -> dict:
+    """{EVALUATED key: metrics row} of one evaluation record (the parts that finished)."""
+    rows = dict(record.get("calibration") or {})
+    if record.get("student"):
+        rows["student"] = record["student"]["row"]
+    for key, value in (record.get("averaging") or {}).items():
+        rows[f"average_{key}"] = value["row"]
+    return rows
+
+
+def aggregate_evaluation(records: list[dict], selected: str) -> dict | None:
+    """Calibration, selective prediction, student and weight averages over seeds, and the targets of issues
+    11 and 12 (MET / NOT MET)."""
+    evals = sorted(
+        (r for r in records if r["method"] == "evaluate" and r["config"] == selected), key=lambda r: r["seed"]
+    )
+    if not evals:
+        return None
+    per_seed = {r["seed"]: evaluation_rows(r) for r in evals}
+    out = {
+        "seeds": [r["seed"] for r in evals],
+        "distill_epochs": evals[0]["distill_epochs"],
+        "student_init": evals[0]["student_init"],
+        "same_basin_epochs": evals[0]["same_basin_epochs"],
+        "failed": {str(r["seed"]): r["failed"] for r in evals if r["failed"]},
+        "rows": {},
+    }
+    for key in EVALUATED:
+        rows = [rows[key] for rows in per_seed.values() if key in rows]
+        if rows:
+            out["rows"][key] = {m: summarise([row[m] for row in rows]) for m in CALIBRATION_METRICS}
+    out["guard_fired"] = {
+        key: [bool(r["averaging"][key]["guard_fired"]) for r in evals if r.get("averaging")]
+        for key in ("snapshot", "same_basin")
+    }
+    selective = [r["selective"] for r in evals if r.get("selective")]
+    if selective:
+        curves = {key: np.array([s["curves"][key] for s in selective]) for key in SELECTIVE}
+        out["selective"] = {
+            "coverages": selective[0]["coverages"],
+            "at_80": {key: summarise([s["at_80"][key] for s in selective]) for key in SELECTIVE},
+            "curves": {
+                key: {
+                    "mean": c.mean(0).tolist(),
+                    "std": c.std(0, ddof=1).tolist() if len(c) > 1 else None,
+                }
+                for key, c in curves.items()
+            },
+            "reliability": {
+                key: {
+                    field: np.sum([s["reliability"][key][field] for s in selective], axis=0).tolist()
+                    for field in ("count", "confidence", "correct")
+                }
+                for key in ("single", "snapshot")
+            },
+        }
+    out["targets"] = evaluation_targets(out, per_seed, selective and evals)
+    return out
+
+
+def evaluation_targets(out: dict, per_seed: dict, selective_records) -> dict:
+    targets = {}
+    rows = out["rows"]
+    if "single" in rows and "snapshot" in rows:
+        single, ensemble = rows["single"]["nll_ts"], rows["snapshot"]["nll_ts"]
+        gap, spread = single["mean"] - ensemble["mean"], single["std"] + ensemble["std"]
+        targets["ts_nll"] = {
+            "rule": "mean TS-NLL(single) - mean TS-NLL(snapshot ensemble) > std(single) + std(ensemble)",
+            "gap": gap,
+            "spread": spread,
+            "paired": [
+                r["single"]["nll_ts"] - r["snapshot"]["nll_ts"]
+                for r in per_seed.values()
+                if "single" in r and "snapshot" in r
+            ],
+            "met": bool(gap > spread),
+        }
+    if {"single", "snapshot", "student"} <= rows.keys():
+        seeds = []
+        for seed, r in per_seed.items():
+            if {"single", "snapshot", "student"} <= r.keys():
+                single, ensemble, student = (r[k]["error_%"] for k in ("single", "snapshot", "student"))
+                gain = single - ensemble
+                seeds.append(
+                    {
+                        "seed": seed,
+                        "single": single,
+                        "ensemble": ensemble,
+                        "student": student,
+                        "recovery": (single - student) / gain if gain > 0 else None,
+                        "met": bool(gain > 0 and single - student >= 0.5 * gain),
+                    }
+                )
+        single, ensemble, student = (rows[k]["error_%"]["mean"] for k in ("single", "snapshot", "student"))
+        gain = single - ensemble
+        targets["student"] = {
+            "rule": "error(single) - error(student) >= 0.5 * (error(single) - error(ensemble)), on the means "
+            "over seeds (and per seed); undefined when the ensemble does not beat the single model",
+            "ensemble_gain": gain,
+            "student_gain": single - student,
+            "recovery": (single - student) / gain if gain > 0 else None,
+            "per_seed": seeds,
+            "met": bool(gain > 0 and single - student >= 0.5 * gain),
+        }
+    if out.get("selective"):
+        at = out["selective"]["at_80"]
+        paired = [
+            s["selective"]["at_80"]["single_maxprob"] - s["selective"]["at_80"]["ensemble_mi"]
+            for s in selective_records
+        ]
+        targets["selective"] = {
+            "rule": "at 80% coverage: error(ensemble ranked by mutual information) < error(single model ranked "
+            "by max probability), means over seeds",
+            "ensemble_mi": at["ensemble_mi"]["mean"],
+            "ensemble_maxprob": at["ensemble_maxprob"]["mean"],
+            "single_maxprob": at["single_maxprob"]["mean"],
+            "paired": paired,
+            "met": bool(at["ensemble_mi"]["mean"] < at["single_maxprob"]["mean"]),
+        }
+    return targets
 
 
 def config_summary(parts, runs, method, alpha0, cycles) -> dict:
@@ -396,8 +784,117 @@ def config_summary(parts, runs, method, alpha0, cycles) -> dict:
     return summary
 
 
-def fmt(summary: dict) -> str:
-    return f"{summary['mean']:.2f} ± {summary['std']:.2f}" if summary["n"] > 1 else f"{summary['mean']:.2f}"
+def fmt(summary: dict, digits: int = 2, scale: float = 1.0) -> str:
+    mean, std = scale * summary["mean"], scale * summary["std"]
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if summary["n"] > 1 else f"{mean:.{digits}f}"
+
+
+def verdict(met: bool) -> str:
+    return "**MET**" if met else "**NOT MET**"
+
+
+def evaluation_markdown(args, evaluation: dict, cycles: int) -> list[str]:
+    rows, epochs, extra = evaluation["rows"], args.epochs, evaluation["distill_epochs"]
+    init = "from the last snapshot" if evaluation["student_init"] == "snapshot" else "from scratch"
+    basin = evaluation["same_basin_epochs"]
+    passes = {"nocycle": cycles, "snapshot": cycles}
+    training = {
+        "single": f"{epochs}",
+        "nocycle": f"{epochs} (the single run)",
+        "snapshot": f"{epochs}",
+        "student": f"{epochs} + {extra} (student, {init})",
+        "average_snapshot": f"{epochs} (+ a batch-norm pass)",
+        "average_same_basin": f"{epochs} (the single run; + a batch-norm pass)",
+    }
+    names = dict(
+        EVALUATED, average_same_basin=f"weight average (1x cost), same basin: NoCycle epochs {basin}"
+    )
+    names["nocycle"] = f"NoCycle snapshot ensemble (M={cycles})"
+    names["snapshot"] = f"snapshot ensemble (M={cycles}, selected)"
+    seeds = len(evaluation["seeds"])
+    lines = [
+        f"## Calibration and cost on the test set ({seeds} seed(s), mean ± std)",
+        "",
+        "T fitted on the validation split for each model (never on the test set); (TS) = after temperature "
+        "scaling. NLL in nats, ECE with 15 equal-width bins (%), Brier summed over classes. Passes = forward "
+        "passes per prediction; training in epochs of the same CNN.",
+        "",
+        "| model | passes | training (epochs) | test error % | NLL | ECE % | Brier | T | NLL (TS) | ECE % (TS) | "
+        "Brier (TS) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, row in rows.items():
+        lines.append(
+            f"| {names[key]} | {passes.get(key, 1)} | {training[key]} | {fmt(row['error_%'])} | "
+            f"{fmt(row['nll'], 4)} | {fmt(row['ece'], 2, 100)} | {fmt(row['brier'], 4)} | "
+            f"{fmt(row['temperature'], 3)} | {fmt(row['nll_ts'], 4)} | {fmt(row['ece_ts'], 2, 100)} | "
+            f"{fmt(row['brier_ts'], 4)} |"
+        )
+    lines.append("")
+    guard = evaluation["guard_fired"]
+    for key, label in (("snapshot", "the snapshots"), ("same_basin", f"NoCycle epochs {basin}")):
+        if guard.get(key):
+            lines.append(
+                f"- Weight average of {label}: the guard (AveragingWarning: worse than the best member on "
+                f"validation) fired on {sum(guard[key])}/{len(guard[key])} seed(s)."
+            )
+    lines.append(
+        f"- Distilled student: keras_snapshot.distill from the selected ensemble's snapshots on the training "
+        f"inputs with their labels, {extra} epochs {init}, SGD + Nesterov with the single model's step "
+        "schedule; its budget counts the teacher's run."
+    )
+    for seed, failed in evaluation["failed"].items():
+        lines.append(f"- Seed {seed}: parts that failed: {failed}.")
+    lines.append("")
+    if evaluation.get("selective"):
+        at = evaluation["selective"]["at_80"]
+        lines += [
+            "## Selective prediction: test error of the 80% most certain test images",
+            "",
+            "| ranking | error at 80% coverage (%) |",
+            "|---|---|",
+        ]
+        lines += [f"| {SELECTIVE[key]} | {fmt(at[key])} |" for key in SELECTIVE]
+        lines.append("")
+    targets = evaluation["targets"]
+    if targets:
+        lines += ["## Targets (issues 11 and 12)", ""]
+    if "ts_nll" in targets:
+        t = targets["ts_nll"]
+        lines.append(
+            f"- Temperature-scaled NLL, snapshot ensemble below the single model by more than the summed seed "
+            f"spread: {verdict(t['met'])}: gap {t['gap']:.4f} vs spread {t['spread']:.4f} (paired by seed: "
+            + ", ".join(f"{g:+.4f}" for g in t["paired"])
+            + ")."
+        )
+    if "student" in targets:
+        t = targets["student"]
+        ratio = "undefined (the ensemble did not beat the single model)"
+        if t["recovery"] is not None:
+            ratio = f"{t['recovery']:.2f}"
+        per_seed = "; ".join(
+            f"seed {s['seed']}: single {s['single']:.2f}, ensemble {s['ensemble']:.2f}, student "
+            f"{s['student']:.2f}, recovery {'n/a' if s['recovery'] is None else format(s['recovery'], '.2f')} "
+            f"({'met' if s['met'] else 'not met'})"
+            for s in t["per_seed"]
+        )
+        lines.append(
+            f"- Distilled student recovers at least half of the ensemble's test-error gain: {verdict(t['met'])}: "
+            f"recovery ratio {ratio} (ensemble gain {t['ensemble_gain']:.2f} points, student gain "
+            f"{t['student_gain']:.2f}); {per_seed}."
+        )
+    if "selective" in targets:
+        t = targets["selective"]
+        lines.append(
+            f"- At 80% coverage, the ensemble ranked by its mutual information errs less than the single model "
+            f"ranked by its max probability: {verdict(t['met'])}: {t['ensemble_mi']:.2f}% vs "
+            f"{t['single_maxprob']:.2f}% (the ensemble ranked by its max probability: "
+            f"{t['ensemble_maxprob']:.2f}%; paired by seed, single - ensemble(MI): "
+            + ", ".join(f"{g:+.2f}" for g in t["paired"])
+            + ")."
+        )
+    lines.append("")
+    return lines
 
 
 def report_markdown(args, meta: dict, result: dict) -> str:
@@ -406,6 +903,13 @@ def report_markdown(args, meta: dict, result: dict) -> str:
         "",
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}  ",
+        f"Code: commit {meta['code'].get('commit') or '?'}"
+        + (
+            " with uncommitted changes in keras_snapshot/"
+            if meta["code"].get("package_uncommitted_changes")
+            else ""
+        )
+        + "  ",
         f"Software: {meta['software']}  ",
         f"Data: {meta['data']}  ",
         f"Protocol: {args.epochs} epochs per run, batch {args.batch_size}, SGD + Nesterov 0.9, weight decay "
@@ -416,6 +920,8 @@ def report_markdown(args, meta: dict, result: dict) -> str:
         "only reported.",
         "",
     ]
+    if args.note:
+        lines += [f"**{args.note}**", ""]
     if args.quick:
         lines += ["**Quick smoke test: tiny data and budget, no accuracy claim.**", ""]
     configs, single, selected = result["configs"], result["single"], result["selected"]
@@ -448,6 +954,8 @@ def report_markdown(args, meta: dict, result: dict) -> str:
                 + ").",
                 "",
             ]
+        if result.get("evaluation"):
+            lines += evaluation_markdown(args, result["evaluation"], m)
         lines += [
             "## Every configuration",
             "",
@@ -478,7 +986,13 @@ def report_markdown(args, meta: dict, result: dict) -> str:
 
 
 def draw(args, result: dict, records: list[dict], meta: dict) -> list[str]:
-    from figures import matplotlib_missing, plot_ensemble_size, plot_lr_schedule
+    from figures import (
+        matplotlib_missing,
+        plot_ensemble_size,
+        plot_lr_schedule,
+        plot_reliability,
+        plot_selective,
+    )
     from training import step_learning_rate
 
     missing = matplotlib_missing()
@@ -505,7 +1019,7 @@ def draw(args, result: dict, records: list[dict], meta: dict) -> list[str]:
             losses[f"single model (seed {seed})"] = r["train_loss"]
     paths = [
         plot_lr_schedule(
-            args.output_dir / "lr_schedule.png",
+            args.output_dir / f"{args.name}.lr_schedule.png",
             epochs=args.epochs,
             steps_per_epoch=steps_per_epoch,
             cycles=m,
@@ -532,13 +1046,50 @@ def draw(args, result: dict, records: list[dict], meta: dict) -> list[str]:
     seeds = len(chosen["seeds"])
     paths.append(
         plot_ensemble_size(
-            args.output_dir / "ensemble_size.png",
+            args.output_dir / f"{args.name}.ensemble_size.png",
             curves,
             baselines=baselines,
             title=f"{args.dataset}, {args.epochs} epochs, {seeds} seeds: ensemble of the last m snapshots (mean ± std)",
         )
     )
+    evaluation = result.get("evaluation") or {}
+    selective = evaluation.get("selective")
+    if selective:
+        seeds = len(evaluation["seeds"])
+        rows = evaluation["rows"]
+        ece = {
+            key: rows[key]["ece"]["mean"] if key in rows else float("nan") for key in ("single", "snapshot")
+        }
+        paths.append(
+            plot_reliability(
+                args.output_dir / f"{args.name}.reliability.png",
+                {
+                    "single model": (selective["reliability"]["single"], ece["single"]),
+                    f"snapshot ensemble (M={m})": (selective["reliability"]["snapshot"], ece["snapshot"]),
+                },
+                title=f"{args.dataset}: reliability on the test set, {seeds} seed(s) pooled (before temperature "
+                "scaling)",
+            )
+        )
+        paths.append(
+            plot_selective(
+                args.output_dir / f"{args.name}.selective.png",
+                selective["coverages"],
+                {SELECTIVE[key]: (curve["mean"], curve["std"]) for key, curve in selective["curves"].items()},
+                title=f"{args.dataset}: keep only the most certain test images (mean ± std over {seeds} seed(s))",
+            )
+        )
     return [str(p) for p in paths]
+
+
+def code_state() -> dict:
+    """The commit measured (benchmarks/_common.git_state), or an empty dict where it cannot be told."""
+    try:
+        from _common import git_state
+
+        return git_state()
+    except Exception:  # a description is not worth a crash
+        return {}
 
 
 def describe_machine() -> str:
@@ -588,8 +1139,12 @@ def main(argv=None) -> int:
     data = load_data(args, load_dataset)
     pid = protocol_id(args)
     all_tasks = tasks(args)
-    if args.aggregate_only or args.resume:
-        done = {r["task"] for r in read_records(runs_path) if r["protocol"] == pid}
+    if args.aggregate_only or args.resume or args.evaluate_only:
+        kept = read_records(runs_path)
+        if args.evaluate_only:  # the training runs stay, their evaluation is redone
+            kept = [r for r in kept if r["method"] != "evaluate"]
+            runs_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        done = {r["task"] for r in kept if r["protocol"] == pid}
     else:
         done = set()
         if runs_path.exists():
@@ -597,26 +1152,43 @@ def main(argv=None) -> int:
     todo = [t for t in all_tasks if task_key(t) not in done]
     print(f"Keras {keras.__version__}, backend {keras.backend.backend()}; {data.describe()}", flush=True)
     print(
-        f"{len(all_tasks)} runs ({len(todo)} to do), {args.jobs} at a time; results in {args.output_dir}",
+        f"{len(all_tasks)} training runs ({len(todo)} to do), {args.jobs} at a time; results in "
+        f"{args.output_dir}, snapshots in {args.snapshot_dir}",
         flush=True,
     )
 
     failed = []
-    if todo and not args.aggregate_only:
-        if args.jobs == 1:
-            for number, task in enumerate(todo, 1):
-                print(f"--- run {number}/{len(todo)}: {task_key(task)}", flush=True)
-                append_record(runs_path, run_task(args, task, data))
-        else:
-            failed = run_parallel(args, todo, runs_path)
+    if todo and not (args.aggregate_only or args.evaluate_only):
+        failed += run_all(args, todo, runs_path, data)
 
     records = [r for r in read_records(runs_path) if r["protocol"] == pid]
+    evaluations = []
+    if not (args.aggregate_only or args.no_evaluate):
+        selected = aggregate(args, records)["selected"]
+        if selected:
+            config = result_config(selected["config"])
+            done = {r["task"] for r in records if r["method"] == "evaluate"}
+            evaluations = [
+                {"method": "evaluate", "config": selected["config"], "seed": r["seed"], **config}
+                for r in records
+                if r["method"] == "snapshot"
+                and task_key(r) == f"{selected['config']}-seed{r['seed']}"
+                and any(s["method"] == "step" and s["seed"] == r["seed"] for s in records)
+            ]
+            evaluations = [t for t in evaluations if task_key(t) not in done]
+            print(
+                f"Evaluation of {selected['config']} (selected on validation): {len(evaluations)} seed(s)",
+                flush=True,
+            )
+            failed += run_all(args, evaluations, runs_path, data)
+        records = [r for r in read_records(runs_path) if r["protocol"] == pid]
     finished = {r["task"] for r in records}
-    command = shlex.join(["python", "benchmarks/accuracy.py", *args.argv])
+    command = shlex.join(["python", "benchmarks/accuracy.py", *protocol_argv(args.argv)])
     backend = keras.backend.backend()
     meta = {
         "command": f"KERAS_BACKEND={backend} {command}",
         "machine": args.machine or describe_machine(),
+        "code": code_state(),
         "software": f"Python {platform.python_version()}, Keras {keras.__version__} ({backend} backend), numpy {np.__version__}",
         "data": data.describe(),
         "parameters": records[0]["parameters"] if records else 0,
@@ -625,7 +1197,14 @@ def main(argv=None) -> int:
         "missing": sorted(task_key(t) for t in all_tasks if task_key(t) not in finished),
         "failed": failed,
         "wall_seconds": time.perf_counter() - started,
-        "protocol": protocol(args) | {"seeds": args.seeds, "steps_per_execution": args.steps_per_execution},
+        "protocol": protocol(args)
+        | {
+            "seeds": args.seeds,
+            "steps_per_execution": args.steps_per_execution,
+            "distill_epochs": args.distill_epochs,
+            "student_init": args.student_init,
+        },
+        "invocation": shlex.join(["python", "benchmarks/accuracy.py", *args.argv]),
     }
     result = aggregate(args, records)
     meta["pictures"] = draw(args, result, records, meta)

@@ -1,10 +1,14 @@
 """keras-snapshot demo: train 1, get M for free, serve one model.
 
 Trains a small BatchNorm CNN with `SnapshotCallback` (M cosine cycles, a `.keras` snapshot per cycle), trains
-the same CNN with the standard step schedule on the same epoch budget, builds the averaged ensemble as ONE
-Keras model, exports it for TensorFlow Serving and prints the test error of every snapshot, of the ensemble
-of the last m = 1..M snapshots and of the single model. Saves the paper's Figures 2 and 3 when matplotlib
-is installed.
+the same CNN with the standard step schedule on the same epoch budget (its weights at M equal intervals are the
+NoCycle baseline), builds the averaged ensemble as ONE Keras model, exports it for TensorFlow Serving and prints
+the test error of every snapshot, of the ensemble of the last m = 1..M snapshots and of the single model. Then
+the calibration table (NLL, ECE, Brier before and after temperature scaling fitted on the validation split) and
+the two ways to serve at the cost of one model: a student distilled from the snapshots (a few epochs) and the
+weight average (guarded on validation data). Saves four pictures when matplotlib is installed: the paper's
+Figures 2 and 3, a reliability diagram and a selective-prediction curve. Writes the test split to test.npz so
+that `keras-snapshot evaluate <output dir>/snapshots --data <output dir>/test.npz` can be run on it.
 
     make demo                                  # or: python examples/demo.py
     python examples/demo.py --epochs 30 --cycles 5 --train-size 0          # longer, full Fashion-MNIST
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -34,20 +39,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import keras
 import numpy as np
 from data import DATASETS, load_dataset
-from figures import matplotlib_missing, plot_ensemble_size, plot_lr_schedule
+from figures import (
+    matplotlib_missing,
+    plot_ensemble_size,
+    plot_lr_schedule,
+    plot_reliability,
+    plot_selective,
+)
 from training import (
+    COVERAGES,
+    EpochLog,
+    average_with_guard,
     build_cnn,
-    ensemble_errors,
-    error_rate,
+    calibration_row,
     load_snapshots,
     predict_probabilities,
+    reliability_bins,
+    rounded,
+    selective_errors,
+    sgd,
     step_learning_rate,
     train_single,
     train_snapshots,
 )
 
 import keras_snapshot
+from keras_snapshot.distill import distill
 from keras_snapshot.ensemble import build_ensemble
+from keras_snapshot.evaluation import evaluate_ensemble, mutual_information
 from keras_snapshot.export import export_saved_model
 
 
@@ -86,6 +105,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--width", type=int, default=16, help="CNN width: filters of the first convolutions")
+    parser.add_argument(
+        "--distill-epochs",
+        type=int,
+        default=3,
+        help="epochs of the distilled student (its extra training budget, on top of the snapshot run's)",
+    )
+    parser.add_argument(
+        "--student-init",
+        default="snapshot",
+        choices=("snapshot", "scratch"),
+        help="the student starts from the last snapshot's weights (a short fine-tune on the ensemble's "
+        "probabilities) or from a fresh initialisation (needs about a full budget of epochs)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="demo-output")
     parser.add_argument(
@@ -96,7 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="0 quiet, 1 Keras progress bars, 2 a line per epoch",
     )
     args = parser.parse_args(argv)
-    for name in ("epochs", "cycles", "batch_size", "width", "val_size"):
+    for name in ("epochs", "cycles", "batch_size", "width", "val_size", "distill_epochs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.train_size < 0 or args.test_size < 0:
@@ -176,8 +208,40 @@ def format_table(rows, headers) -> str:
     return "\n".join([line, rule, *body])
 
 
+def nocycle_epochs(epochs: int, cycles: int) -> list[int]:
+    """The epochs at which NoCycle keeps the single run's weights: M equal intervals of the budget."""
+    return sorted({max(1, round(epochs * k / cycles)) for k in range(1, cycles + 1)})
+
+
+def train_student(args, data, snapshot_dir, snapshots, steps_per_epoch):
+    """distill() from the snapshot ensemble on the training inputs (labels mixed in), `--distill-epochs`."""
+    if args.student_init == "snapshot":
+        # A copy of the last snapshot, fine-tuned on the ensemble's probabilities at a small decaying rate.
+        student = keras.models.clone_model(snapshots[-1])
+        student.set_weights(snapshots[-1].get_weights())
+        rate = 0.01
+    else:
+        student = build_cnn(data.input_shape, data.num_classes, width=args.width, seed=args.seed + 1)
+        rate = args.single_alpha0
+    total = args.distill_epochs * steps_per_epoch
+    optimizer = sgd(keras.optimizers.schedules.CosineDecay(rate, total))
+    callbacks = [EpochLog("student", args.distill_epochs)] if args.verbose == 2 else []
+    return distill(
+        snapshot_dir,
+        data.x_train,
+        y=data.y_train,
+        student=student,
+        epochs=args.distill_epochs,
+        batch_size=args.batch_size,
+        optimizer=optimizer,
+        callbacks=callbacks,
+        verbose=1 if args.verbose == 1 else 0,
+    )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # tf.function retracing notes: one per model run
     started = time.perf_counter()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -210,7 +274,7 @@ def main(argv=None) -> int:
             f"Note: cycles of {cycle_epochs:g} epochs are short; early snapshots may be undertrained (use fewer cycles or more epochs)."
         )
 
-    log(f"\n[1/4] Snapshot run -> {snapshot_dir}/")
+    log(f"\n[1/5] Snapshot run -> {snapshot_dir}/")
     phase = time.perf_counter()
     model = build_cnn(data.input_shape, data.num_classes, width=args.width, seed=args.seed)
     log(f"CNN of width {args.width}: {model.count_params():,} parameters")
@@ -226,36 +290,64 @@ def main(argv=None) -> int:
     )
     snapshot_seconds = time.perf_counter() - phase
 
-    log("\n[2/4] Single model, step schedule, same budget")
+    kept_epochs = nocycle_epochs(args.epochs, args.cycles)
+    log(
+        f"\n[2/5] Single model, step schedule, same budget (its weights at epochs {kept_epochs} are the NoCycle "
+        "ensemble)"
+    )
     phase = time.perf_counter()
     single = build_cnn(data.input_shape, data.num_classes, width=args.width, seed=args.seed)
-    single_history, _ = train_single(
+    single_history, kept = train_single(
         single,
         data,
         epochs=args.epochs,
         batch_size=args.batch_size,
         alpha0=args.single_alpha0,
+        keep_epochs=kept_epochs,
         verbose=args.verbose,
     )
     single_seconds = time.perf_counter() - phase
+    nocycle = []
+    for epoch in kept_epochs:
+        member = keras.models.clone_model(single)
+        member.set_weights(kept[epoch])
+        nocycle.append(member)
 
-    log("\n[3/4] Evaluating the snapshots, building the ensemble, exporting it for TF Serving")
+    log("\n[3/5] Evaluating the snapshots, building the ensemble, exporting it for TF Serving")
+    phase = time.perf_counter()
     manifest = keras_snapshot.read_manifest(snapshot_dir)
     snapshots = load_snapshots(snapshot_dir)
-    val_probs = [predict_probabilities(m, data.x_val) for m in snapshots]
-    test_probs = [predict_probabilities(m, data.x_test) for m in snapshots]
-    val, test = ensemble_errors(val_probs, data.y_val), ensemble_errors(test_probs, data.y_test)
-    single_val = error_rate(predict_probabilities(single, data.x_val), data.y_val)
-    single_test = error_rate(predict_probabilities(single, data.x_test), data.y_test)
+    count = len(snapshots)
+    # One predict pass per snapshot on each split (keras_snapshot.evaluation.evaluate_ensemble): rows for every
+    # snapshot and every ensemble of the last m; on the test set with T fitted on the validation split.
+    val_rows = evaluate_ensemble(snapshot_dir, data.x_val, data.y_val)
+    test_rows = evaluate_ensemble(
+        snapshot_dir,
+        data.x_test,
+        data.y_test,
+        temperature="fit",
+        validation_data=(data.x_val, data.y_val),
+    )
+
+    def errors(rows):
+        members = [100 * r["error"] for r in rows if r["m"] is None]
+        last_m = [100 * r["error"] for r in sorted((r for r in rows if r["m"]), key=lambda r: r["m"])]
+        return {"members": members, "last_m": last_m}
+
+    val, test = errors(val_rows), errors(test_rows)
+    single_row = calibration_row([single], data)
+    single_val = 100 * evaluate_ensemble([single], data.x_val, data.y_val)[-1]["error"]
+    single_test = single_row["error_%"]
 
     ensemble = build_ensemble(snapshot_dir)
     keras_file = out / "ensemble.keras"
     ensemble.save(keras_file)
-    # The ensemble IS the mean of the snapshots' softmaxes: check that on some test images (predicting the whole
-    # test set again through M members would double the evaluation time), use the exact mean for the table.
+    # The ensemble IS the mean of the snapshots' softmaxes; with uncertainty=True it also outputs the members'
+    # mutual information. Both checked against the snapshots run one by one on some test images.
     check = data.x_test[:1000]
+    check_stack = np.stack([predict_probabilities(s, check) for s in snapshots])
     ensemble_probs = predict_probabilities(ensemble, check)
-    gap = float(np.max(np.abs(ensemble_probs - np.mean([p[: len(check)] for p in test_probs], axis=0))))
+    gap = float(np.max(np.abs(ensemble_probs - check_stack.mean(axis=0))))
     log(
         f"Ensemble model: {len(ensemble.layers)} layers, {ensemble.count_params():,} parameters, saved to {keras_file}"
     )
@@ -271,8 +363,60 @@ def main(argv=None) -> int:
         exported = None
         log(f"EXPORT FAILED ({type(error).__name__}): {error}")
 
+    uncertain = build_ensemble(snapshot_dir, uncertainty=True)
+    served = uncertain.predict(data.x_test, batch_size=1000, verbose=0)
+    ensemble_test = np.asarray(served["predictions"], dtype=np.float64)
+    ensemble_mi = np.asarray(served["mutual_information"], dtype=np.float64)
+    mi_gap = float(np.max(np.abs(ensemble_mi[: len(check)] - mutual_information(check_stack))))
+    log(
+        f"build_ensemble(uncertainty=True) outputs {sorted(served)}; its mutual information matches numpy's "
+        f"on {len(check)} images (max |diff| = {mi_gap:.1e})"
+    )
+    single_test_probs = predict_probabilities(single, data.x_test)
+    test_file = out / "test.npz"
+    np.savez_compressed(test_file, x=data.x_test, y=data.y_test)
+    evaluation_seconds = time.perf_counter() - phase
+
+    log(
+        f"\n[4/5] Serving at the cost of one model: a distilled student ({args.distill_epochs} epochs, "
+        f"{'from the last snapshot' if args.student_init == 'snapshot' else 'from scratch'}) and weight averages"
+    )
+    phase = time.perf_counter()
+    student = train_student(args, data, snapshot_dir, snapshots, steps_per_epoch)
+    student_seconds = time.perf_counter() - phase
+    student_row = calibration_row([student], data)
+    averaged_snapshots, guard_snapshots = average_with_guard(snapshot_dir, data)
+    averaged_snapshots_row = calibration_row([averaged_snapshots], data)
+    # Same basin: the single run's NoCycle weights after its first rate drop (at least the last two).
+    basin = [e for e in kept_epochs if e > args.epochs / 2]
+    basin = basin if len(basin) >= 2 else kept_epochs[-2:]
+    basin_members = [nocycle[kept_epochs.index(e)] for e in basin]
+    if len(basin_members) >= 2:
+        averaged_basin, guard_basin = average_with_guard(basin_members, data)
+        averaged_basin_row = calibration_row([averaged_basin], data)
+    else:
+        averaged_basin = guard_basin = averaged_basin_row = None
+    for label, guard in (("snapshots", guard_snapshots), (f"NoCycle epochs {basin}", guard_basin)):
+        if guard is None:
+            continue
+        report = guard["report"] or {}
+        words = (
+            "FIRED (the average is worse than the best member on validation)"
+            if guard["guard_fired"]
+            else "quiet"
+        )
+        summary = ""
+        if report:
+            summary = (
+                f": validation NLL averaged {report['averaged']['nll']:.4f}, best member "
+                f"{report['best_member']['nll']:.4f}, ensemble {report['ensemble']['nll']:.4f}"
+            )
+        log(f"Weight average of the {label}: guard {words}{summary}")
+
+    snapshot_row = max((r for r in test_rows if r["m"]), key=lambda r: r["m"])
+    snapshot_row = dict(snapshot_row, **{"error_%": 100 * snapshot_row["error"]})
+    nocycle_row = calibration_row(nocycle, data)
     epochs_at = {entry["cycle"]: entry.get("epoch") for entry in manifest["snapshots"]}
-    count = len(snapshots)
     rows = []
     for k in range(count):
         rows.append(
@@ -295,7 +439,62 @@ def main(argv=None) -> int:
     table = format_table(rows, ("model", "val error %", "test error %"))
     gain = single_test - test["last_m"][-1]
 
-    log("\n[4/4] Pictures")
+    budget = f"{args.epochs} + {args.distill_epochs} epochs"
+    calibrated = [
+        ("single model, step schedule", 1, f"{args.epochs} epochs", single_row),
+        (f"NoCycle ensemble (M={len(nocycle)})", len(nocycle), "the single run", nocycle_row),
+        (f"snapshot ensemble (M={count})", count, f"{args.epochs} epochs", snapshot_row),
+        ("distilled student (1x cost)", 1, budget, student_row),
+        ("weight average (1x cost), snapshots", 1, f"{args.epochs} epochs", averaged_snapshots_row),
+    ]
+    if averaged_basin_row is not None:
+        calibrated.append(
+            (f"weight average (1x cost), NoCycle {basin}", 1, "the single run", averaged_basin_row)
+        )
+    calibration_table = format_table(
+        [
+            (
+                label,
+                str(passes),
+                spent,
+                f"{row['error_%']:.2f}",
+                f"{row['nll']:.4f}",
+                f"{100 * row['ece']:.2f}",
+                f"{row['brier']:.4f}",
+                f"{row['temperature']:.3f}",
+                f"{row['nll_ts']:.4f}",
+                f"{100 * row['ece_ts']:.2f}",
+                f"{row['brier_ts']:.4f}",
+            )
+            for label, passes, spent, row in calibrated
+        ],
+        (
+            "model",
+            "passes",
+            "training",
+            "error %",
+            "NLL",
+            "ECE %",
+            "Brier",
+            "T",
+            "NLL (TS)",
+            "ECE % (TS)",
+            "Brier (TS)",
+        ),
+    )
+
+    selective = {
+        "ensemble, ranked by mutual information": selective_errors(ensemble_test, data.y_test, ensemble_mi),
+        "ensemble, ranked by max probability": selective_errors(
+            ensemble_test, data.y_test, -ensemble_test.max(axis=-1)
+        ),
+        "single model, ranked by max probability": selective_errors(
+            single_test_probs, data.y_test, -single_test_probs.max(axis=-1)
+        ),
+    }
+    at80 = {label: errors[COVERAGES.index(0.8)] for label, errors in selective.items()}
+
+    log("\n[5/5] Pictures")
     pictures = {}
     missing = matplotlib_missing()
     if missing:
@@ -316,12 +515,46 @@ def main(argv=None) -> int:
             out / "ensemble_size.png",
             {f"snapshot ensemble (alpha0={args.alpha0:g})": (test["last_m"], None)},
             baselines={"single model, step schedule": (single_test, None)},
-            title=f"{data.name}: test error of the ensemble of the last m snapshots",
+            title=f"{data.name}: test error of the ensemble of the last m snapshots (one seed: {args.seed})",
+            note=f"One training run per model (seed {args.seed}): differences of a few tenths are seed noise.",
+            min_span=2.0,
+        )
+        pictures["reliability"] = plot_reliability(
+            out / "reliability.png",
+            {
+                "single model": (reliability_bins(single_test_probs, data.y_test), single_row["ece"]),
+                f"snapshot ensemble (M={count})": (
+                    reliability_bins(ensemble_test, data.y_test),
+                    snapshot_row["ece"],
+                ),
+            },
+            title=f"{data.name}: reliability on {len(data.x_test)} test images (before temperature scaling)",
+        )
+        pictures["selective"] = plot_selective(
+            out / "selective.png",
+            COVERAGES,
+            {label: (errors, None) for label, errors in selective.items()},
+            title=f"{data.name}: keep only the most certain test images (one seed)",
         )
         for path in pictures.values():
             log(f"Saved {path}")
 
     total = time.perf_counter() - started
+    calibration = {
+        key: {
+            k: row[k]
+            for k in ("error_%", "nll", "ece", "brier", "temperature", "nll_ts", "ece_ts", "brier_ts")
+        }
+        for key, row in (
+            ("single", single_row),
+            ("nocycle", nocycle_row),
+            ("snapshot_ensemble", snapshot_row),
+            ("distilled_student", student_row),
+            ("weight_average_snapshots", averaged_snapshots_row),
+            ("weight_average_nocycle", averaged_basin_row),
+        )
+        if row is not None
+    }
     results = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "backend": keras.backend.backend(),
@@ -334,13 +567,36 @@ def main(argv=None) -> int:
             "ensemble_last_m": test["last_m"],
             "single": single_test,
         },
+        "calibration_test": calibration,
+        "forward_passes": {
+            "single": 1,
+            "nocycle": len(nocycle),
+            "snapshot_ensemble": count,
+            "distilled_student": 1,
+            "weight_average_snapshots": 1,
+            "weight_average_nocycle": 1,
+        },
+        "distilled_student": {"epochs": args.distill_epochs, "init": args.student_init},
+        "weight_average_guard": {
+            "snapshots": guard_snapshots,
+            **({f"nocycle_epochs_{'_'.join(map(str, basin))}": guard_basin} if guard_basin else {}),
+        },
+        "selective_test_error_at_80%": at80,
         "ensemble_model_max_gap": gap,
+        "uncertainty_mutual_information_max_gap": mi_gap,
         "exported": exported,
+        "test_data": str(test_file),
         "pictures": {key: str(path) for key, path in pictures.items()},
-        "seconds": {"snapshot_run": snapshot_seconds, "single_run": single_seconds, "total": total},
+        "seconds": {
+            "snapshot_run": snapshot_seconds,
+            "single_run": single_seconds,
+            "evaluation": evaluation_seconds,
+            "student": student_seconds,
+            "total": total,
+        },
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(rounded(results), indent=2) + "\n")
+    (out / "results.md").write_text(table + "\n\n" + calibration_table + "\n")
 
     log(
         f"\nTest error on {data.name} ({len(data.x_test)} test images; validation {len(data.x_val)} images), "
@@ -353,8 +609,26 @@ def main(argv=None) -> int:
         f"(one seed: differences of a few tenths are within seed noise; see benchmarks/accuracy.py)."
     )
     log(
-        f"Training took {snapshot_seconds:.0f} s (snapshots) + {single_seconds:.0f} s (single); total {total:.0f} s. "
-        f"Outputs in {out}/"
+        f"\nCalibration and cost on the test set. passes = forward passes per prediction; NLL in nats; "
+        f"(TS) = after temperature scaling, T fitted on the {len(data.x_val)} validation images (never the test "
+        f"set). The student trained {args.distill_epochs} more epoch(s) "
+        f"({'starting from the last snapshot' if args.student_init == 'snapshot' else 'from scratch'}) on the "
+        "ensemble's probabilities; the weight averages recomputed batch-norm statistics on the training images.\n"
+    )
+    log(calibration_table)
+    log(
+        "\nSelective prediction, test error of the 80% most certain test images: "
+        + "; ".join(f"{label} {value:.2f}%" for label, value in at80.items())
+        + " (all images: ensemble "
+        + f"{test['last_m'][-1]:.2f}%, single {single_test:.2f}%)."
+    )
+    log(
+        f"\nTraining took {snapshot_seconds:.0f} s (snapshots) + {single_seconds:.0f} s (single) + "
+        f"{student_seconds:.0f} s (student); total {total:.0f} s. Outputs in {out}/"
+    )
+    log(
+        f"Evaluate the snapshots from the command line on the test split written to {test_file}:\n"
+        f"  keras-snapshot evaluate {snapshot_dir} --data {test_file}"
     )
     return 0
 

@@ -1,4 +1,6 @@
-"""The two pictures of the demo and the benchmark (the paper's Figures 2 and 3), drawn with matplotlib.
+"""The pictures of the demo and the benchmark, drawn with matplotlib: the paper's Figures 2 and 3 (learning
+rate, ensemble size) and two about the ensemble's probabilities (a reliability diagram, a selective-prediction
+curve).
 
 matplotlib is an optional extra (`pip install "keras-snapshot[plots]"`); `matplotlib_missing()` says why
 plotting is off, and the callers skip the pictures with that message instead of failing.
@@ -12,7 +14,13 @@ import numpy as np
 
 from keras_snapshot import snapshot_learning_rate, snapshot_steps
 
-__all__ = ["matplotlib_missing", "plot_ensemble_size", "plot_lr_schedule"]
+__all__ = [
+    "matplotlib_missing",
+    "plot_ensemble_size",
+    "plot_lr_schedule",
+    "plot_reliability",
+    "plot_selective",
+]
 
 SNAPSHOT_COLOR = "tab:red"
 SINGLE_COLOR = "tab:blue"
@@ -113,12 +121,17 @@ def plot_ensemble_size(
     baselines: dict | None = None,
     title: str = "",
     ylabel: str = "test error (%)",
+    note: str = "",
+    min_span: float = 0.0,
 ) -> Path:
     """Error of the ensemble of the last m snapshots against m (paper, Figure 3).
 
     Args:
         curves: {label: (mean per m, std per m or None)}; m = 1..len(mean).
         baselines: {label: (mean, std or None)} drawn as horizontal lines (e.g. the single model).
+        note: a line printed under the axes (e.g. "one seed: ...").
+        min_span: the y-axis spans at least this many units around the data, so that differences of a
+            few tenths of a point do not fill the picture; the span is stated in the axis label.
     """
     import matplotlib
 
@@ -143,10 +156,114 @@ def plot_ensemble_size(
             axis.axhspan(mean - std, mean + std, color=SINGLE_COLOR, alpha=0.1)
     axis.set_xticks(range(1, largest + 1))
     axis.set_xlabel("number of models in the ensemble (the last m snapshots)")
-    axis.set_ylabel(ylabel)
+    low, high = axis.get_ylim()
+    if high - low < min_span:
+        middle = (low + high) / 2
+        low, high = middle - min_span / 2, middle + min_span / 2
+        axis.set_ylim(low, high)
+    axis.set_ylabel(f"{ylabel}\n(axis from {low:.1f} to {high:.1f})")
     axis.set_title(title or "Ensemble size vs error", fontsize=10)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
+    if note:
+        figure.text(0.5, 0.01, note, ha="center", va="bottom", fontsize=8, style="italic")
+    figure.tight_layout(rect=(0, 0.05 if note else 0, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_reliability(path, diagrams: dict, *, title: str = "") -> Path:
+    """A reliability diagram: accuracy against top-1 confidence per equal-width confidence bin.
+
+    Args:
+        diagrams: {label: (bins, ece)}, `bins` as made by training.reliability_bins (summed over seeds if
+            wanted: counts, summed confidences, summed correct), `ece` the model's ECE (in [0, 1]).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (top, bottom) = plt.subplots(
+        2, 1, figsize=(6, 6.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    top.plot([0, 1], [0, 1], color="black", linestyle=":", linewidth=1, label="perfect calibration")
+    colors = iter([SINGLE_COLOR, SNAPSHOT_COLOR, NOCYCLE_COLOR, "tab:green", "tab:purple"])
+    for label, (bins, ece_value) in diagrams.items():
+        color = next(colors)
+        count = np.asarray(bins["count"], dtype=float)
+        edges = np.linspace(0, 1, len(count) + 1)
+        filled = count > 0
+        confidence = np.asarray(bins["confidence"])[filled] / count[filled]
+        accuracy = np.asarray(bins["correct"])[filled] / count[filled]
+        top.plot(confidence, accuracy, marker="o", color=color, label=f"{label} (ECE {100 * ece_value:.2f}%)")
+        bottom.bar(
+            (edges[:-1] + edges[1:]) / 2,
+            count / count.sum(),
+            width=(edges[1] - edges[0]) * 0.9,
+            color=color,
+            alpha=0.45,
+            label=label,
+        )
+    top.set_ylabel("accuracy in the bin")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1.02)
+    top.grid(alpha=0.3)
+    top.legend(fontsize=8, loc="upper left")
+    top.set_title(title or "Reliability diagram", fontsize=10)
+    bottom.set_yscale("log")
+    bottom.set_ylabel("share of examples")
+    bottom.set_xlabel("top-1 confidence (15 equal-width bins); below the diagonal = overconfident")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_selective(path, coverages, curves: dict, *, title: str = "", mark: float = 0.8) -> Path:
+    """Selective prediction: error (%) of the examples kept against the fraction kept (the most certain first).
+
+    Args:
+        coverages: the fractions kept (x axis).
+        curves: {label: (errors per coverage, std per coverage or None)}.
+        mark: a coverage to mark with a vertical line (the benchmark reports this one).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    coverages = np.asarray(coverages, dtype=float)
+    styles = iter(
+        [
+            (SNAPSHOT_COLOR, "-"),
+            (SNAPSHOT_COLOR, "--"),
+            (SINGLE_COLOR, "-"),
+            (NOCYCLE_COLOR, "-"),
+            ("tab:green", "-"),
+        ]
+    )
+    for label, (errors, std) in curves.items():
+        color, style = next(styles)
+        errors = np.asarray(errors, dtype=float)
+        axis.plot(100 * coverages, errors, color=color, linestyle=style, marker=".", label=label)
+        if std is not None:
+            std = np.asarray(std, dtype=float)
+            axis.fill_between(100 * coverages, errors - std, errors + std, color=color, alpha=0.12)
+    if mark:
+        axis.axvline(100 * mark, color="black", alpha=0.3, linestyle=":", linewidth=1)
+    axis.set_xlabel("examples kept (%), the most certain first")
+    axis.set_ylabel("test error of the kept examples (%)")
+    axis.set_ylim(bottom=0)
+    axis.set_title(title or "Selective prediction", fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="upper left")
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
