@@ -119,23 +119,26 @@ sys.meta_path[:] = [Hide(finder) for finder in sys.meta_path]
 assert importlib.util.find_spec("keras_snapshot") is None, "keras_snapshot must not be importable here"
 import numpy as np
 import keras
-model = keras.saving.load_model(sys.argv[1])  # safe mode, no custom objects
-out = model.predict(np.load(sys.argv[2]), verbose=0)
-out = out if isinstance(out, dict) else {"predictions": out}
-np.savez(sys.argv[3], **{k: np.asarray(v) for k, v in out.items()})
+x = np.load(sys.argv[1])
+for path, target in json.loads(sys.argv[2]):
+    model = keras.saving.load_model(path)  # safe mode, no custom objects
+    out = model.predict(x, verbose=0)
+    out = out if isinstance(out, dict) else {"predictions": out}
+    np.savez(target, **{k: np.asarray(v) for k, v in out.items()})
 assert "keras_snapshot" not in sys.modules
-print(json.dumps(sorted(out)))
 """
 
 
-def load_without_the_package(tmp_path, path, x):
-    """Predictions of a .keras file loaded by plain Keras in a process that cannot import keras_snapshot."""
-    script, inputs, outputs = tmp_path / "load.py", tmp_path / "x.npy", tmp_path / "out.npz"
+def load_without_the_package(tmp_path, paths, x):
+    """Outputs of .keras files loaded by plain Keras (safe mode) in a process that cannot import
+    keras_snapshot: [{output key: array}] per path ("predictions" for a single output)."""
+    script, inputs = tmp_path / "load.py", tmp_path / "x.npy"
     script.write_text(KERAS_FREE)
     np.save(inputs, x)
+    jobs = [[str(path), str(tmp_path / f"out-{i}.npz")] for i, path in enumerate(paths)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     process = subprocess.run(
-        [sys.executable, "-I", str(script), str(path), str(inputs), str(outputs)],
+        [sys.executable, "-I", str(script), str(inputs), json.dumps(jobs)],
         capture_output=True,
         text=True,
         env={**env, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""},
@@ -143,7 +146,7 @@ def load_without_the_package(tmp_path, path, x):
         timeout=300,
     )
     assert process.returncode == 0, process.stderr[-3000:]
-    return dict(np.load(outputs))
+    return [dict(np.load(target)) for _, target in jobs]
 
 
 def test_temperature_in_the_graph(digits_run, digits, tmp_path):
@@ -178,14 +181,18 @@ def test_temperature_in_the_graph(digits_run, digits, tmp_path):
     assert 1.0 / reloaded.get_layer("temperature").scale == pytest.approx(t)
     expected = keras.ops.convert_to_numpy(fitted(x))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(reloaded(x)), expected, atol=1e-6)
-    served = load_without_the_package(tmp_path, path, x)
+    # With uncertainty outputs too (one keras-free process for both files).
+    uncertain = build_ensemble(directory, temperature=t, uncertainty=True)
+    uncertain.save(tmp_path / "uncertain.keras")
+    served, served_uncertain = load_without_the_package(tmp_path, [path, tmp_path / "uncertain.keras"], x)
     np.testing.assert_allclose(served["predictions"], expected, atol=1e-6)
+    assert sorted(served_uncertain) == ["disagreement", "entropy", "mutual_information", "predictions"]
+    for key, value in keras.tree.map_structure(keras.ops.convert_to_numpy, uncertain(x)).items():
+        np.testing.assert_allclose(served_uncertain[key], value, atol=1e-6)
 
-    # Weights fitted and temperature fitted on the same validation data, fused graph: same T rule.
-    both = build_ensemble(
-        directory, weights="fit", temperature="fit", validation_data=(x_val, y_val), fuse=True
-    )
-    assert 1.0 / both.get_layer("temperature").scale > 0
+    # The fused graph fits T on its own mean (one predict pass of the fused graph).
+    fused = build_ensemble(directory, temperature="fit", validation_data=(x_val, y_val), fuse=True)
+    assert 1.0 / fused.get_layer("temperature").scale == pytest.approx(t, rel=1e-3)
 
 
 def sigmoid_members(count=2):
