@@ -116,6 +116,14 @@ def test_every_page_is_in_the_nav():
         assert f" {path.relative_to(DOCS).as_posix()}" in nav, f"{path} is not in mkdocs.yml's nav"
 
 
+def test_api_reference_covers_every_public_name():
+    import keras_snapshot
+
+    api = (DOCS / "api.md").read_text()
+    missing = [name for name in keras_snapshot.__all__ if f"::: keras_snapshot.{name}\n" not in api]
+    assert not missing, f"add these to docs/api.md (a `::: keras_snapshot.NAME` line each): {missing}"
+
+
 def test_readme_is_short_and_holds_no_run_log():
     text = README.read_text()
     assert len(text) <= 12_000, len(text)
