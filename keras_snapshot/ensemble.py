@@ -3,15 +3,18 @@
 `build_ensemble` turns M snapshots into a single graph: fresh `keras.Input`s (the members' names,
 shapes and dtypes) feed every member, each member output passes through one `Activation` layer (the
 optional `output_activation`, else "linear"), and the members are combined per output with `Average`
-(equal weights) or `Rescaling(w_i)` + `Add` (weighted). Only built-in layers are used, so the result
-saves to `.keras`, reloads with plain Keras and exports as a SavedModel without this package.
+(equal weights) or `Rescaling(w_i)` + `Add` (weighted). Temperature scaling and the uncertainty
+outputs add built-in layers (`Rescaling`, `Softmax`) and `keras.ops` nodes, which Keras saves and
+reloads in safe mode. Only built-in layers and ops are used, so the result saves to `.keras`,
+reloads with plain Keras and exports as a SavedModel without this package.
 
 Layer names in the result (relied on by `export_saved_model(..., member_outputs=True)`):
 
 - members: `snapshot_XX` (XX = the cycle for a snapshot directory, else the 1-based position);
 - per member and output: `snapshot_XX_<output>` (the activation), `snapshot_XX_<output>_weight`;
 - the combined outputs carry the members' output names (or dict keys), so the ensemble is a drop-in
-  replacement for one snapshot.
+  replacement for one snapshot; with a temperature, the mean before scaling is `<output>_mean`
+  and the scaling layer `temperature` (a `Rescaling` by 1 / T).
 """
 
 from __future__ import annotations
@@ -365,8 +368,9 @@ def build_ensemble(
     ensemble = keras_snapshot.build_ensemble("snapshots", last=2)
     probabilities = ensemble.predict(x, verbose=0)   # mean of snapshots 2 and 3
     ensemble.save("ensemble.keras")                  # reloads with plain keras.saving.load_model
-    # calibrated on held-out data, with uncertainty outputs for serving:
-    served = keras_snapshot.build_ensemble("snapshots", temperature="fit", validation_data=(x[:64], y[:64]),
+    # calibrated on held-out validation data (never the test set), with uncertainty outputs:
+    x_val, y_val = np.random.rand(64, 8).astype("float32"), np.random.randint(0, 3, 64)
+    served = keras_snapshot.build_ensemble("snapshots", temperature="fit", validation_data=(x_val, y_val),
                                            uncertainty=True)
     out = served.predict(x, verbose=0)  # {"predictions", "entropy", "mutual_information", "disagreement"}
     ```

@@ -253,6 +253,9 @@ def export_saved_model(
     # tensorflow_model_server --rest_api_port=8501 --model_name=my_model \\
     #     --model_base_path=$PWD/serving/my_model
     # POST /v1/models/my_model:predict  {"inputs": {"features": [[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]]}}
+    # An ensemble that also serves "entropy", "mutual_information" and "disagreement" per example:
+    # keras_snapshot.export_saved_model(keras_snapshot.build_ensemble("snapshots"), "serving/ens",
+    #                                   uncertainty=True)
     ```
     """
     if not isinstance(model, keras.Model):
