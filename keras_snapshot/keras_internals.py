@@ -14,9 +14,15 @@ breaks each one on purpose and checks both.
 | the caller's frame: `keras.callbacks.CallbackList.callbacks` | find the callbacks of the same `fit` (no public API) | the list holds the asking callback | None: the callers rely on detecting effects |
 | `Sequential._functional`, `Functional._nodes_by_depth`, `KerasTensor._keras_history`, `Functional._run_through_graph(inputs, operation_fn=, call_fn=)` | fusion: walk the members' graphs | `fusion_supported()` runs them on a tiny nested model | `KerasInternalsError`; fusion raises `fusion.FusionUnavailable` |
 
-Verified on Keras 3.15.1 (TensorFlow 2.21, JAX 0.10, torch 2.13, CPU), and with the package's
-tests on Keras 3.10.0 and 3.12.0 (see the project's design notes). `_run_through_graph`'s
-signature changed between those releases; it is called with keywords only.
+Replaced by public APIs (no longer used): `optimizer._learning_rate` (the compiled schedule is
+read from `optimizer.get_config()`), `Operation._inbound_nodes` (`Operation.output`), and hook
+batch indices for counting steps (`optimizer.iterations`).
+
+Verified: Keras 3.15.1 (TensorFlow 2.21, JAX 0.10, torch 2.13, CPU) with this module's tests.
+Keras 3.10.0 and 3.12.0: every internal above was present and the package's tests passed on them
+before this module existed (the project's design notes); the Keras-version CI pass runs this
+module's tests there. `_run_through_graph`'s signature changed between 3.10 and 3.15; it is
+called with keywords only, and its parameters are checked by name.
 
 Fallbacks warn once per process with a `KerasInternalsWarning` (a `RuntimeWarning`): they are
 correct but slower, and a maintainer should know that a Keras release moved an internal.
