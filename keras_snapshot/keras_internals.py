@@ -19,9 +19,10 @@ read from `optimizer.get_config()`), `Operation._inbound_nodes` (`Operation.outp
 batch indices for counting steps (`optimizer.iterations`).
 
 Verified: Keras 3.15.1 (TensorFlow 2.21, JAX 0.10, torch 2.13, CPU) with this module's tests.
-Keras 3.10.0 and 3.12.0: every internal above was present and the package's tests passed on them
-before this module existed (the project's design notes); the Keras-version CI pass runs this
-module's tests there. `_run_through_graph`'s signature changed between 3.10 and 3.15; it is
+Keras 3.10.0 and 3.12.0: every internal above was present when the package's tests ran there
+before this module existed (the project's design notes; 3.12.0 passed, 3.10.0 failed only on the
+batch-index step count, replaced here, and on one-item list inputs); the Keras-version CI pass
+runs this module's tests there. `_run_through_graph`'s signature changed between 3.10 and 3.15; it is
 called with keywords only, and its parameters are checked by name.
 
 Fallbacks warn once per process with a `KerasInternalsWarning` (a `RuntimeWarning`): they are
