@@ -7,6 +7,9 @@ M = 5 snapshots of a small CNN (written by a real SnapshotCallback run), request
              one set of wider layers (about as many ops as one member)
   loop       what peers do: M separately loaded models, one call each, then `np.mean`
   member     ONE member alone (the reference for the compiled-path targets)
+  ensemble+uncertainty, fused+uncertainty
+             the same two graphs built with `uncertainty=True` (dict outputs: predictions, entropy,
+             mutual_information, disagreement): what the uncertainty outputs cost (compiled path)
 
 through three paths, compared like with like:
 
@@ -263,6 +266,10 @@ def _worker(args) -> dict:
     # ------------------------------------------------------------------------------ inference
     ensemble = keras_snapshot.build_ensemble(directory)
     fused = keras_snapshot.build_ensemble(directory, fuse=True)
+    uncertain = {
+        graph: keras_snapshot.build_ensemble(directory, fuse=graph == "fused", uncertainty=True)
+        for graph in GRAPHS
+    }
     members = peers_load()
     member = members[-1]
     rng = np.random.default_rng(2)
@@ -284,6 +291,8 @@ def _worker(args) -> dict:
 
     check("ensemble", ensemble.predict_on_batch(x))
     check("fused", fused.predict_on_batch(x))
+    for graph, model in uncertain.items():
+        check(f"{graph}+uncertainty", model.predict_on_batch(x)["predictions"])
 
     def load_serving(model, where):
         """The exported SavedModel's serving_default as a numpy function, checked against the mean."""
@@ -328,6 +337,8 @@ def _worker(args) -> dict:
             "loop.compiled": lambda: np.mean([m.predict_on_batch(x) for m in members], axis=0),
             "member.compiled": lambda: member.predict_on_batch(x),
         }
+        for graph, model in uncertain.items():
+            cases[f"{graph}+uncertainty.compiled"] = lambda model=model: model.predict_on_batch(x)
         for graph, function in serving.items():
             cases[f"{graph}.serving_default"] = lambda function=function: function(x)
         return cases
@@ -424,6 +435,37 @@ def _targets(backend: str, res: dict) -> list[tuple[str, str, bool | None]]:
         )
     )
     return out
+
+
+UNCERTAINTY_BATCHES = (1, 1024)
+UNCERTAINTY_LIMIT = 1.10
+
+
+def _uncertainty_costs(res: dict) -> list[tuple[str, int, float, float, float]]:
+    """(graph label, batch, plain compiled ms, with uncertainty compiled ms, ratio) where both were timed."""
+    t = {int(bs): v["median_ms"] for bs, v in res["timings_ms"].items()}
+    out = []
+    for graph, label in GRAPHS.items():
+        for bs in UNCERTAINTY_BATCHES:
+            plain, with_outputs = (
+                t.get(bs, {}).get(f"{graph}.compiled"),
+                t.get(bs, {}).get(f"{graph}+uncertainty.compiled"),
+            )
+            if plain and with_outputs:
+                out.append((label, bs, plain, with_outputs, with_outputs / plain))
+    return out
+
+
+def _uncertainty_targets(res: dict) -> list[tuple[str, str, bool | None]]:
+    """Issue 11: the uncertainty outputs add at most 10% to the compiled latency (batch 1 and 1024)."""
+    return [
+        (
+            f"[{label}] batch {bs}, compiled: with uncertainty outputs / without <= {UNCERTAINTY_LIMIT:.2f}",
+            f"{ratio:.2f}",
+            ratio <= UNCERTAINTY_LIMIT,
+        )
+        for label, bs, _, _, ratio in _uncertainty_costs(res)
+    ]
 
 
 def _report(record: dict) -> str:
@@ -548,6 +590,31 @@ def _report(record: dict) -> str:
             builder_rows,
         ),
     ]
+    uncertainty_rows = [
+        [backend, label, bs, f"{plain:.3f}", f"{with_outputs:.3f}", f"{ratio:.2f}", _common.verdict(ok)]
+        for backend, res in record["backends"].items()
+        for (label, bs, plain, with_outputs, ratio), (_, _, ok) in zip(
+            _uncertainty_costs(res), _uncertainty_targets(res), strict=True
+        )
+    ]
+    if uncertainty_rows:
+        lines += [
+            "\nThe uncertainty outputs' cost: `build_ensemble(d, uncertainty=True)` (outputs predictions, entropy, "
+            "mutual_information, disagreement) vs the same graph without them, compiled path, timed side by side "
+            f"with the cases above; target: with / without <= {UNCERTAINTY_LIMIT:.2f} (issue 11):\n",
+            _common.markdown_table(
+                [
+                    "backend",
+                    "graph",
+                    "batch",
+                    "without (ms)",
+                    "with uncertainty (ms)",
+                    "with / without",
+                    "verdict",
+                ],
+                uncertainty_rows,
+            ),
+        ]
     agreement = [
         f"- {backend}: " + ", ".join(f"{what} {diff:.1e}" for what, diff in differences.items())
         for backend, res in record["backends"].items()
@@ -626,7 +693,7 @@ def main(argv=None) -> int:
     record["failed_targets"] = [
         f"{b}: {name}"
         for b, res in record["backends"].items()
-        for name, _, ok in _targets(b, res)
+        for name, _, ok in _targets(b, res) + _uncertainty_targets(res)
         if ok is False
     ]
     markdown = (
