@@ -11,6 +11,7 @@ from test_export import call, member_model, refuses_torch, run_tf_serving_loader
 
 from keras_snapshot import build_ensemble, evaluation, export_saved_model
 from keras_snapshot.calibration import temperature_scale
+from keras_snapshot.export import _serving_model
 
 CLASSIFIER_KEYS = ["disagreement", "entropy", "mutual_information", "predictions"]
 TOLERANCE = 2e-5
@@ -77,6 +78,13 @@ def test_temperature_with_uncertainty(digits_run, digits, tmp_path):
     check_classifier(out, stack, temperature_scale(stack.mean(0), 2.0))
     path = tmp_path / "uncertain.keras"
     ensemble.save(path)
+    # export_saved_model(..., uncertainty=True) adds the same outputs to the plain calibrated ensemble
+    # (its serving view, checked in-process on every backend; served on TF/JAX below).
+    view, _ = _serving_model(build_ensemble(directory, temperature=2.0), False, True)
+    added = call(view, {"pixels": x})
+    assert sorted(added) == CLASSIFIER_KEYS
+    for key in CLASSIFIER_KEYS:
+        np.testing.assert_allclose(added[key], out[key], atol=1e-6)
     reloaded = call(keras.saving.load_model(path), x)  # without the package: test_calibration
     assert sorted(reloaded) == CLASSIFIER_KEYS
     for key in CLASSIFIER_KEYS:
