@@ -406,10 +406,14 @@ def build_ensemble(
         weights = check_weights(weights, count)
     members = load_members(snapshots, last, safe_mode)
     inputs, keys, output_struct, activations = frame(members, output_activation)
-    kinds = {
-        key: output_kind(members[0].model, key, activations[key], position)
-        for position, key in enumerate(keys)
-    }
+    kinds = (
+        {
+            key: output_kind(members[0].model, key, activations[key], position)
+            for position, key in enumerate(keys)
+        }
+        if temperature is not None or uncertainty
+        else {}
+    )
     if temperature is not None:
         if len(keys) != 1 or kinds[keys[0]] == "values":
             raise ValueError(
