@@ -437,10 +437,13 @@ def run_evaluation(args, task: dict, data) -> dict:
 
         steps = math.ceil(len(data.x_train) / args.batch_size) * args.distill_epochs
         if args.student_init == "snapshot":
+            # The last snapshot, fine-tuned on the ensemble's probabilities at a small decaying rate.
             members = sorted(snapshot_dir.glob("*.keras"))
             model = keras.saving.load_model(members[-1], compile=False)
+            rate = keras.optimizers.schedules.CosineDecay(STUDENT_FINE_TUNE_RATE, steps)
         else:
             model = None  # distill's default: a fresh copy of the members' architecture
+            rate = step_schedule(args.single_alpha0, steps)  # the single model's recipe
         keras.utils.set_random_seed(1000 + seed)
         trained = distill(
             str(snapshot_dir),
@@ -449,7 +452,7 @@ def run_evaluation(args, task: dict, data) -> dict:
             student=model,
             epochs=args.distill_epochs,
             batch_size=args.batch_size,
-            optimizer=sgd(step_schedule(args.single_alpha0, steps)),
+            optimizer=sgd(rate),
             callbacks=[EpochLog(f"{label} student", args.distill_epochs)] if args.verbose == 2 else [],
             verbose=0,
         )
@@ -469,8 +472,8 @@ def run_evaluation(args, task: dict, data) -> dict:
 
     part("calibration", calibration)
     part("selective", selective)
-    part("student", student)
     part("averaging", averaging)
+    part("student", student)  # the longest part last
     record["seconds"]["total"] = time.perf_counter() - started
     return record
 
@@ -631,6 +634,7 @@ def aggregate(args, records: list[dict]) -> dict:
     return result
 
 
+STUDENT_FINE_TUNE_RATE = 0.01  # --student-init snapshot: cosine from this rate to 0 over --distill-epochs
 CALIBRATION_METRICS = ("error_%", "nll", "ece", "brier", "temperature", "nll_ts", "ece_ts", "brier_ts")
 EVALUATED = {
     "single": "single model (step schedule)",
@@ -793,7 +797,7 @@ def verdict(met: bool) -> str:
     return "**MET**" if met else "**NOT MET**"
 
 
-def evaluation_markdown(args, evaluation: dict, cycles: int) -> list[str]:
+def evaluation_markdown(args, evaluation: dict, cycles: int, last_alone: float | None = None) -> list[str]:
     rows, epochs, extra = evaluation["rows"], args.epochs, evaluation["distill_epochs"]
     init = "from the last snapshot" if evaluation["student_init"] == "snapshot" else "from scratch"
     basin = evaluation["same_basin_epochs"]
@@ -838,10 +842,20 @@ def evaluation_markdown(args, evaluation: dict, cycles: int) -> list[str]:
                 f"- Weight average of {label}: the guard (AveragingWarning: worse than the best member on "
                 f"validation) fired on {sum(guard[key])}/{len(guard[key])} seed(s)."
             )
+    recipe = (
+        "SGD + Nesterov with the single model's step schedule (rate 0.1, x0.1 at 50% and 75%)"
+        if evaluation["student_init"] == "scratch"
+        else f"SGD + Nesterov, rate {STUDENT_FINE_TUNE_RATE:g} cosine-decayed to 0"
+    )
+    alone = (
+        f" The last snapshot alone, where the student started: {last_alone:.2f}% test error."
+        if (last_alone is not None and evaluation["student_init"] == "snapshot")
+        else ""
+    )
     lines.append(
         f"- Distilled student: keras_snapshot.distill from the selected ensemble's snapshots on the training "
-        f"inputs with their labels, {extra} epochs {init}, SGD + Nesterov with the single model's step "
-        "schedule; its budget counts the teacher's run."
+        f"inputs with their labels (distill's default temperature and alpha), {extra} epochs {init}, {recipe}; "
+        f"its budget counts the teacher's run.{alone}"
     )
     for seed, failed in evaluation["failed"].items():
         lines.append(f"- Seed {seed}: parts that failed: {failed}.")
@@ -955,7 +969,8 @@ def report_markdown(args, meta: dict, result: dict) -> str:
                 "",
             ]
         if result.get("evaluation"):
-            lines += evaluation_markdown(args, result["evaluation"], m)
+            alone = chosen["test_last_m"]["mean"][0]
+            lines += evaluation_markdown(args, result["evaluation"], m, alone)
         lines += [
             "## Every configuration",
             "",
