@@ -9,18 +9,19 @@ DOCS_STAMP := $(VENV)/.installed-docs
 BACKENDS ?= tensorflow jax torch
 PYTEST_ARGS ?=
 
-# The lowest-Keras pass: its own venv, pinned by constraints/keras-lowest.txt, running the tests that touch
-# Keras internals and the trainer hooks on TensorFlow and JAX (LOWEST_TESTS), plus the SavedModel export tests
-# on TensorFlow only (LOWEST_TF_TESTS: export is TensorFlow's, and they are the slowest on JAX).
-# A listed file that does not exist is skipped with a note.
+# The lowest-Keras pass: its own venv, pinned by constraints/keras-lowest.txt. On TensorFlow and JAX
+# (LOWEST_TESTS): the trainer hooks and the internals contracts (JAX's trainer state is JAX-only). On
+# TensorFlow only (LOWEST_TF_TESTS): loading members, the graphs, fusion and export, whose Keras internals
+# (functional graph, saving) are the same Python on every backend and are the slowest tests on JAX; the
+# main pass runs them on every backend on the newest Keras. A listed file that does not exist is skipped.
 LOWEST_VENV := .venv-keras-lowest
 LOWEST_BIN := $(LOWEST_VENV)/bin
 LOWEST_STAMP := $(LOWEST_VENV)/.installed
 LOWEST_CONSTRAINTS := constraints/keras-lowest.txt
 LOWEST_BACKENDS ?= tensorflow jax
-LOWEST_TESTS ?= tests/test_callback.py tests/test_schedule.py tests/test_resume.py tests/test_ensemble.py \
-  tests/test_fusion.py tests/test_keras_internals.py tests/test_other_callbacks.py tests/test_manifest.py
-LOWEST_TF_TESTS ?= tests/test_export.py
+LOWEST_TESTS ?= tests/test_callback.py tests/test_schedule.py tests/test_resume.py tests/test_keras_internals.py \
+  tests/test_other_callbacks.py tests/test_manifest.py
+LOWEST_TF_TESTS ?= tests/test_ensemble.py tests/test_fusion.py tests/test_export.py
 
 # One line with the versions a pass runs on (from the installed packages' metadata: nothing is imported).
 VERSIONS_PY := import importlib.metadata as md, platform; \
