@@ -35,6 +35,7 @@ a batch size one after the other, round after round); a sample repeats a fast ca
     python benchmarks/inference.py                 # all backends (minutes)
     python benchmarks/inference.py --quick         # smoke run
     python benchmarks/inference.py --backends tensorflow --rounds 21
+    python benchmarks/inference.py --uncertainty-only   # only the uncertainty outputs' cost (batch 1, 1024)
 """
 
 from __future__ import annotations
@@ -191,6 +192,9 @@ def _worker(args) -> dict:
     assert len(paths) == M, paths
     keras.backend.clear_session()
     gc.collect()
+
+    if args.uncertainty_only:
+        return _uncertainty_worker(args, directory, backend, mode, rounds, log)
 
     # ----------------------------------------------------------------- builder: time and load counts
     loads, archives = [], []
@@ -391,6 +395,86 @@ def _worker(args) -> dict:
     }
 
 
+def _time_cases(cases: dict, rounds: int, sample_seconds: float) -> dict:
+    """Warm-up, then `rounds` interleaved rounds of every case; a sample repeats a fast call ~sample_seconds."""
+    import statistics
+
+    repeat = {}
+    for name, fn in cases.items():
+        fn()
+        repeat[name] = 1
+        if sample_seconds:
+            start = time.perf_counter()
+            fn()
+            once = time.perf_counter() - start
+            repeat[name] = max(1, round(sample_seconds / max(once, 1e-6)))
+    samples = {name: [] for name in cases}
+    names = list(cases)
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn, n = cases[name], repeat[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - start) / n)
+    return {
+        "median_ms": {name: _common.median(v) * 1e3 for name, v in samples.items()},
+        "calls_per_sample": repeat,
+        "rounds": rounds,
+        "samples_ms": {name: [s * 1e3 for s in v] for name, v in samples.items()},
+        "spread": {
+            name: statistics.pstdev(v) / _common.median(v) for name, v in samples.items() if len(v) > 1
+        },
+    }
+
+
+def _uncertainty_worker(args, directory: Path, backend: str, mode: str, rounds: dict, log) -> dict:
+    """--uncertainty-only: the two graphs with and without uncertainty outputs, compiled path, batch 1 and
+    1024, timed side by side (interleaved rounds); predictions checked against the members' mean."""
+    import keras
+    import numpy as np
+
+    import keras_snapshot
+
+    graphs = {
+        name: keras_snapshot.build_ensemble(directory, fuse=graph == "fused", uncertainty=with_outputs)
+        for graph in GRAPHS
+        for name, with_outputs in ((graph, False), (f"{graph}+uncertainty", True))
+    }
+    members = [keras.saving.load_model(p, compile=False) for p in sorted(directory.glob("*.keras"))]
+    rng = np.random.default_rng(2)
+    inputs = {bs: rng.random((bs, 28, 28, 1), dtype=np.float32) for bs in UNCERTAINTY_BATCHES}
+    device = _common.backend_device()
+    tolerance = dict(rtol=1e-4, atol=1e-6) if device.startswith("cpu") else dict(atol=5e-3)
+    x = inputs[1024][:32]
+    reference = np.mean([m.predict_on_batch(x) for m in members], axis=0)
+    differences = {}
+    for name, model in graphs.items():
+        values = model.predict_on_batch(x)
+        values = np.asarray(values["predictions"] if isinstance(values, dict) else values)
+        differences[name] = float(np.max(np.abs(values - reference)))
+        np.testing.assert_allclose(values, reference, **tolerance, err_msg=name)
+    timings = {}
+    for bs in UNCERTAINTY_BATCHES:
+        cases = {
+            f"{name}.compiled": (lambda model=model, x=inputs[bs]: model.predict_on_batch(x))
+            for name, model in graphs.items()
+        }
+        timings[str(bs)] = _time_cases(cases, rounds[bs], SAMPLE_SECONDS[mode])
+        log(f"batch {bs}: " + ", ".join(f"{k} {v:.2f}ms" for k, v in timings[str(bs)]["median_ms"].items()))
+    return {
+        "backend": backend,
+        "device": device,
+        "max_abs_difference_from_mean": differences,
+        "keras": keras.__version__,
+        "mode": mode,
+        "cases": "uncertainty-only",
+        "members": M,
+        "timings_ms": timings,
+    }
+
+
 # ---------------------------------------------------------------------------------------------- driver
 GRAPHS = {"ensemble": "branches", "fused": "fused"}
 
@@ -466,6 +550,38 @@ def _uncertainty_targets(res: dict) -> list[tuple[str, str, bool | None]]:
         )
         for label, bs, _, _, ratio in _uncertainty_costs(res)
     ]
+
+
+def _uncertainty_report(record: dict) -> str:
+    rows = [
+        [backend, label, bs, f"{plain:.3f}", f"{with_outputs:.3f}", f"{ratio:.2f}", _common.verdict(ok)]
+        for backend, res in record["backends"].items()
+        for (label, bs, plain, with_outputs, ratio), (_, _, ok) in zip(
+            _uncertainty_costs(res), _uncertainty_targets(res), strict=True
+        )
+    ]
+    if not rows:
+        return ""
+    return "\n".join(
+        [
+            "The uncertainty outputs' cost: `build_ensemble(d, uncertainty=True)` (outputs predictions, entropy, "
+            "mutual_information, disagreement) vs the same graph without them, compiled path "
+            "(`predict_on_batch`), timed side by side in interleaved rounds; target: with / without <= "
+            f"{UNCERTAINTY_LIMIT:.2f} (issue 11):\n",
+            _common.markdown_table(
+                [
+                    "backend",
+                    "graph",
+                    "batch",
+                    "without (ms)",
+                    "with uncertainty (ms)",
+                    "with / without",
+                    "verdict",
+                ],
+                rows,
+            ),
+        ]
+    )
 
 
 def _report(record: dict) -> str:
@@ -590,31 +706,9 @@ def _report(record: dict) -> str:
             builder_rows,
         ),
     ]
-    uncertainty_rows = [
-        [backend, label, bs, f"{plain:.3f}", f"{with_outputs:.3f}", f"{ratio:.2f}", _common.verdict(ok)]
-        for backend, res in record["backends"].items()
-        for (label, bs, plain, with_outputs, ratio), (_, _, ok) in zip(
-            _uncertainty_costs(res), _uncertainty_targets(res), strict=True
-        )
-    ]
-    if uncertainty_rows:
-        lines += [
-            "\nThe uncertainty outputs' cost: `build_ensemble(d, uncertainty=True)` (outputs predictions, entropy, "
-            "mutual_information, disagreement) vs the same graph without them, compiled path, timed side by side "
-            f"with the cases above; target: with / without <= {UNCERTAINTY_LIMIT:.2f} (issue 11):\n",
-            _common.markdown_table(
-                [
-                    "backend",
-                    "graph",
-                    "batch",
-                    "without (ms)",
-                    "with uncertainty (ms)",
-                    "with / without",
-                    "verdict",
-                ],
-                uncertainty_rows,
-            ),
-        ]
+    table = _uncertainty_report(record)
+    if table:
+        lines += ["", table]
     agreement = [
         f"- {backend}: " + ", ".join(f"{what} {diff:.1e}" for what, diff in differences.items())
         for backend, res in record["backends"].items()
@@ -655,6 +749,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: one round, no memory processes")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument(
+        "--uncertainty-only",
+        action="store_true",
+        help="time only the graphs with and without uncertainty outputs (compiled path, batch 1 and 1024)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -669,7 +768,7 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.quick:
+    if args.quick or args.uncertainty_only:
         args.no_memory = True
 
     if args.memory_worker:
@@ -683,6 +782,7 @@ def main(argv=None) -> int:
     backends, record = _common.start_record(parser, args, "inference", members=M)
     forwarded = ["--rounds", str(args.rounds), "--threads", str(args.threads)]
     forwarded += (["--quick"] if args.quick else []) + (["--no-memory"] if args.no_memory else [])
+    forwarded += ["--uncertainty-only"] if args.uncertainty_only else []
     started = time.perf_counter()
     for backend in backends:
         record["backends"][backend] = _common.run_worker(
@@ -690,6 +790,26 @@ def main(argv=None) -> int:
         )
     record["seconds"] = round(time.perf_counter() - started, 1)
     record["loadavg_at_end"] = _common.loadavg()
+    if args.uncertainty_only:
+        record["failed_targets"] = [
+            f"{b}: {name}"
+            for b, res in record["backends"].items()
+            for name, _, ok in _uncertainty_targets(res)
+            if ok is False
+        ]
+        markdown = (
+            _common.report_header(
+                "# The uncertainty outputs' cost (inference.py --uncertainty-only)",
+                record,
+                args.quick,
+                args.threads,
+            )
+            + f"- members: M={M} snapshots of a {MODEL_DESCRIPTION}, written by a real SnapshotCallback run; "
+            "random inputs\n- only the four compiled-path cases below were timed (the full run times every "
+            f"graph and path)\n\n{_uncertainty_report(record)}\n"
+        )
+        _common.publish(markdown, record, args, "inference-uncertainty", backends)
+        return 0
     record["failed_targets"] = [
         f"{b}: {name}"
         for b, res in record["backends"].items()
