@@ -35,9 +35,10 @@ The targets of issues 11 and 12 are checked and printed MET / NOT MET. Snapshots
     # alpha0 in {0.1, 0.2}, 3 seeds, width 32 = the defaults; 15 runs in parallel on one GPU, about 4 minutes
     KERAS_BACKEND=jax python benchmarks/accuracy.py --jobs 15 --steps-per-execution 32 --name accuracy.e24
 
-    # a reduced protocol for a 2-core CPU (cycles of 6 epochs); see benchmarks/results/accuracy.cpu.md
+    # the reduced protocol of benchmarks/results/accuracy.cpu.* (cycles of 6 epochs; CNN width 8 so that a
+    # shared 2-core CPU finishes it in about an hour, student included)
     python benchmarks/accuracy.py --train-size 12000 --epochs 30 --cycles 5 --alphas 0.2 --seeds 0 1 \
-        --width 16 --jobs 2 --name accuracy.cpu
+        --width 8 --jobs 4 --distill-epochs 30 --name accuracy.cpu
 
 Settings that are not the protocol: --jobs, --steps-per-execution (in-graph schedules keep the learning rate
 exact per step), --time-limit, --snapshot-dir. Runs share one accelerator, so no process pre-allocates its
