@@ -912,7 +912,22 @@ def evaluation_markdown(args, evaluation: dict, cycles: int, last_alone: float |
     return lines
 
 
-def report_markdown(args, meta: dict, result: dict) -> str:
+def run_times(records: list[dict]) -> str:
+    """How long the runs took (from their records, whichever invocation ran them)."""
+    parts = []
+    for what, method, key in (("training", None, "total"), ("evaluation", "evaluate", "total")):
+        seconds = [
+            r["seconds"][key]
+            for r in records
+            if (r["method"] == method if method else r["method"] != "evaluate")
+            and key in r.get("seconds", {})
+        ]
+        if seconds:
+            parts.append(f"{len(seconds)} {what} run(s) of {min(seconds):.0f}-{max(seconds):.0f} s")
+    return ("Runs: " + "; ".join(parts) + ".") if parts else ""
+
+
+def report_markdown(args, meta: dict, result: dict, records: list[dict] = ()) -> str:
     lines = [
         f"# Snapshot Ensembles accuracy benchmark ({args.dataset})",
         "",
@@ -995,7 +1010,8 @@ def report_markdown(args, meta: dict, result: dict) -> str:
     if meta.get("missing"):
         lines += [f"Runs that did not finish: {', '.join(meta['missing'])}.", ""]
     lines += [
-        f"Wall time: {meta['wall_seconds']:.0f} s; per-run training times in {args.name}.runs.jsonl.",
+        f"Wall time of this invocation: {meta['wall_seconds']:.0f} s. {run_times(records)} Per-run times in "
+        f"{args.name}.runs.jsonl.",
         "",
     ]
     return "\n".join(lines)
@@ -1083,8 +1099,7 @@ def draw(args, result: dict, records: list[dict], meta: dict) -> list[str]:
                     "single model": (selective["reliability"]["single"], ece["single"]),
                     f"snapshot ensemble (M={m})": (selective["reliability"]["snapshot"], ece["snapshot"]),
                 },
-                title=f"{args.dataset}: reliability on the test set, {seeds} seed(s) pooled (before temperature "
-                "scaling)",
+                title=f"{args.dataset} test set, {seeds} seed(s) pooled (before temperature scaling)",
             )
         )
         paths.append(
@@ -1225,7 +1240,7 @@ def main(argv=None) -> int:
     result = aggregate(args, records)
     meta["pictures"] = draw(args, result, records, meta)
     (args.output_dir / f"{args.name}.json").write_text(json.dumps({"meta": meta, **result}, indent=2) + "\n")
-    markdown = report_markdown(args, meta, result)
+    markdown = report_markdown(args, meta, result, records)
     (args.output_dir / f"{args.name}.md").write_text(markdown)
     print("\n" + markdown, flush=True)
     for path in meta["pictures"]:
