@@ -434,7 +434,7 @@ def run_evaluation(args, task: dict, data) -> dict:
         }
 
     def student():
-        from keras_snapshot.distill import distill
+        from keras_snapshot.distillation import distill
 
         steps = math.ceil(len(data.x_train) / args.batch_size) * args.distill_epochs
         if args.student_init == "snapshot":

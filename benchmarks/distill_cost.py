@@ -51,7 +51,7 @@ def _worker(args) -> dict:
     import keras
     import numpy as np
 
-    from keras_snapshot.distill import distill
+    from keras_snapshot.distillation import distill
 
     config = CONFIG["quick" if args.quick else "full"]
     rng = np.random.default_rng(0)

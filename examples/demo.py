@@ -64,7 +64,7 @@ from training import (
 )
 
 import keras_snapshot
-from keras_snapshot.distill import distill
+from keras_snapshot.distillation import distill
 from keras_snapshot.ensemble import build_ensemble
 from keras_snapshot.evaluation import evaluate_ensemble, mutual_information
 from keras_snapshot.export import export_saved_model

@@ -315,7 +315,7 @@ def average_weights(
     if validation_data is not None:
         x_val, y_val = check_validation_data(validation_data)
     if bn_data is not None:
-        from keras_snapshot.distill import as_arrays  # one definition of "in-memory arrays"
+        from keras_snapshot.distillation import as_arrays  # one definition of "in-memory arrays"
 
         bn_data, _ = as_arrays(bn_data, "bn_data")
     snapshot_sources(snapshots, last)  # cheap checks (paths, `last`) before any load
@@ -330,7 +330,7 @@ def average_weights(
             "pass bn_data=x_train (the training inputs, no labels) to recompute them."
         )
     if bn_data is not None and norms:
-        from keras_snapshot.distill import check_inputs
+        from keras_snapshot.distillation import check_inputs
 
         check_inputs(bn_data, reference, members[0].label, "bn_data")
 

@@ -468,7 +468,7 @@ def _distill(args) -> int:
     keras = _import_keras()
     _check_activation(keras, args.output_activation)
 
-    from keras_snapshot.distill import distill
+    from keras_snapshot.distillation import distill
     from keras_snapshot.manifest import atomic_write
 
     members = _load_members(args)

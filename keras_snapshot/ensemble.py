@@ -20,12 +20,13 @@ Layer names in the result (relied on by `export_saved_model(..., member_outputs=
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import keras
 import numpy as np
 
-from keras_snapshot import calibration, fusion
+from keras_snapshot import calibration, fusion, keras_internals
 from keras_snapshot.evaluation import EPSILON, check_targets, check_temperature, labels, rows_of
 from keras_snapshot.members import (
     MEMBER_PREFIX,
@@ -265,11 +266,29 @@ def member_weights_of(model: keras.Model, members, key: str) -> list[float]:
     return weights
 
 
+def _branches(members, kept, keys, taps, weights, uncertainty: bool):
+    """The branch graph's means and, for the uncertainty outputs, each output's members stacked."""
+    means = mean_tensors(keys, taps, weights)
+    stacks = {}
+    if uncertainty:
+        stacks = {key: keras.ops.stack([taps[members[i].name][key] for i in kept], axis=1) for key in keys}
+    return means, stacks
+
+
 # ---------------------------------------------------------------------------------------- public
 def _check_name(name) -> str:
     if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(f"`name` must be a non-empty string without '/', got {name!r}.")
     return name
+
+
+def _branches(members, kept, keys, taps, weights, uncertainty: bool):
+    """The branch graph's means and, for the uncertainty outputs, each output's members stacked."""
+    means = mean_tensors(keys, taps, weights)
+    stacks = {}
+    if uncertainty:
+        stacks = {key: keras.ops.stack([taps[members[i].name][key] for i in kept], axis=1) for key in keys}
+    return means, stacks
 
 
 # ---------------------------------------------------------------------------------------- public
@@ -400,6 +419,11 @@ def build_ensemble(
     if fit_temperature:
         x_val, y_val = check_validation_data(validation_data)
         y_val = check_targets(y_val, rows_of(x_val, "validation_data[0]"), "validation_data[1]")
+    if fuse and (reason := keras_internals.fusion_supported()):
+        warnings.warn(
+            f"fuse=True: {reason}; building the branch graph instead.", RuntimeWarning, stacklevel=2
+        )
+        fuse = False
     # Cheap checks first: a bad `last` or a wrong weight count must not cost M loads.
     count = len(snapshot_sources(snapshots, last))
     if weights is not None and not fit:
@@ -439,21 +463,26 @@ def build_ensemble(
     kept = [i for i, weight in enumerate(weights) if weight > 0]
     member_stacks = {}
     if not fuse:
-        means = mean_tensors(keys, taps, None if equal else weights)
-        if uncertainty:
-            member_stacks = {
-                key: keras.ops.stack([taps[members[i].name][key] for i in kept], axis=1) for key in keys
-            }
+        means, member_stacks = _branches(members, kept, keys, taps, None if equal else weights, uncertainty)
     else:
-        means = fusion.fuse_members(
-            [members[i].model for i in kept],
-            [members[i].label for i in kept],
-            inputs,
-            keys,
-            [float(weights[i]) for i in kept],
-            activations,
-            member_stacks=member_stacks if uncertainty else None,
-        )
+        try:
+            means = fusion.fuse_members(
+                [members[i].model for i in kept],
+                [members[i].label for i in kept],
+                inputs,
+                keys,
+                [float(weights[i]) for i in kept],
+                activations,
+                member_stacks=member_stacks if uncertainty else None,
+            )
+        except fusion.FusionUnavailable as error:  # Keras changed what fusion reads: same outputs, branches
+            warnings.warn(
+                f"fuse=True: {error}; building the branch graph instead.", RuntimeWarning, stacklevel=2
+            )
+            taps = taps or call_members(members, inputs, keys, activations)
+            means, member_stacks = _branches(
+                members, kept, keys, taps, None if equal else weights, uncertainty
+            )
     outputs = dict(means)
     if temperature is not None:
         key = keys[0]

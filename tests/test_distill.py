@@ -14,7 +14,7 @@ from conftest import make_digits_model
 
 import keras_snapshot
 from keras_snapshot import build_ensemble
-from keras_snapshot.distill import distill, soften
+from keras_snapshot.distillation import distill, soften
 
 
 def predict(model, x):

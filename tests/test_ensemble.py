@@ -397,3 +397,32 @@ def test_fit_argument_errors(digits_run, digits):
         fit_ensemble_weights(directory, (digits[2], digits[3]), last=5)
     with pytest.raises(ValueError, match="has 10 rows but x_val has"):
         fit_ensemble_weights(directory, (digits[2], digits[3][:10]))
+
+
+# --------------------------------------------------------------------------- fusion fallback
+def test_fuse_falls_back_to_branches_when_keras_internals_changed(digits_run, digits, monkeypatch):
+    """A Keras release that moves fusion's graph internals must give the branch graph (same
+    predictions) with a warning, never a wrong graph: both the up-front check and a failure inside."""
+    from keras_snapshot import fusion, keras_internals
+
+    directory, _ = digits_run
+    x = digits[2][:32]
+    reference = predict(build_ensemble(directory), x)
+
+    monkeypatch.setattr(keras_internals, "fusion_supported", lambda: "Functional._run_through_graph is gone")
+    with pytest.warns(RuntimeWarning, match="_run_through_graph is gone; building the branch graph"):
+        ensemble = build_ensemble(directory, fuse=True)
+    assert any(isinstance(layer, keras.Model) for layer in ensemble.layers)  # branches, not fused
+    np.testing.assert_allclose(predict(ensemble, x), reference, atol=TOLERANCE)
+
+    monkeypatch.setattr(keras_internals, "fusion_supported", lambda: None)
+
+    def unavailable(*args, **kwargs):
+        raise fusion.FusionUnavailable("Sequential._functional changed")
+
+    monkeypatch.setattr(fusion, "fuse_members", unavailable)
+    with pytest.warns(RuntimeWarning, match="_functional changed; building the branch graph"):
+        ensemble = build_ensemble(directory, fuse=True, uncertainty=True)
+    outputs = predict(ensemble, x)
+    np.testing.assert_allclose(outputs["predictions"], reference, atol=TOLERANCE)
+    assert outputs["mutual_information"].shape == (32,)
