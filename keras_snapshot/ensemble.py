@@ -266,16 +266,6 @@ def member_weights_of(model: keras.Model, members, key: str) -> list[float]:
     return weights
 
 
-def _branches(members, kept, keys, taps, weights, uncertainty: bool):
-    """The branch graph's means and, for the uncertainty outputs, each output's members stacked."""
-    means = mean_tensors(keys, taps, weights)
-    stacks = {}
-    if uncertainty:
-        stacks = {key: keras.ops.stack([taps[members[i].name][key] for i in kept], axis=1) for key in keys}
-    return means, stacks
-
-
-# ---------------------------------------------------------------------------------------- public
 def _check_name(name) -> str:
     if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(f"`name` must be a non-empty string without '/', got {name!r}.")
