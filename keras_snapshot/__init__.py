@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -57,9 +58,11 @@ __all__ = [
 
 # Classes that Keras must find by their registered names when it loads a file: SnapshotSchedule (a
 # snapshot's optimizer on the in-graph path) and DistillationLoss (checkpoints written during
-# `distill`). Keras cannot import them itself, so they are registered now when Keras is already
-# loaded (the usual `import keras` first); otherwise at the first use of any public name.
-if "keras" in sys.modules:
+# `distill`). Keras cannot import them itself, so `import keras_snapshot` registers them, as before;
+# only the `keras-snapshot` command (argv[0] is the script, or "-m" while `python -m
+# keras_snapshot.cli` imports this package) leaves them, and Keras, to the sub-commands that need them.
+_COMMAND_LINE = os.path.basename(sys.argv[0]) in ("keras-snapshot", "-m") if sys.argv else False
+if "keras" in sys.modules or not _COMMAND_LINE:
     importlib.import_module("keras_snapshot.schedule")
     importlib.import_module("keras_snapshot.distillation")
 

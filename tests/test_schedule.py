@@ -116,3 +116,18 @@ def test_schedule_survives_keras_save_and_load(tmp_path):
     assert isinstance(schedule, keras_snapshot.SnapshotSchedule)
     assert schedule.get_config() == {"initial_learning_rate": 0.2, "total_steps": 57, "cycles": 4}
     assert int(keras.ops.convert_to_numpy(loaded.optimizer.iterations)) == 2
+
+
+def test_import_registers_the_schedule_before_keras_is_imported():
+    """`import keras_snapshot` (lazy public names) still registers SnapshotSchedule, so Keras can load a
+    snapshot whose optimizer uses it, whichever of keras and keras_snapshot is imported first."""
+    import subprocess
+    import sys
+
+    code = (
+        "import keras_snapshot, keras\n"
+        "assert keras.saving.get_registered_object('keras_snapshot>SnapshotSchedule') is not None\n"
+        "assert keras.saving.get_registered_object('keras_snapshot>DistillationLoss') is not None\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
