@@ -106,6 +106,9 @@ def test_help_is_fast_quiet_and_imports_no_keras(tmp_path):
     probe = (
         "import sys, time\n"
         "start = time.perf_counter()\n"
+        # What the `keras-snapshot` console script is when it imports the package; a plain
+        # `import keras_snapshot` in a program registers its Keras classes, so imports Keras.
+        "sys.argv[0] = '/usr/local/bin/keras-snapshot'\n"
         "from keras_snapshot.cli import main\n"
         "for argv in (['--help'], ['evaluate', '--help'], ['distill', '--help']):\n"
         "    try:\n"
