@@ -167,13 +167,20 @@ def _startup_noise_filtered():
                 sys.stderr.flush()
 
 
-def _import_keras():
+def _import_keras(writes_files: bool = False):
     """Imports Keras (so TensorFlow on its backend) for a sub-command that needs it, with
-    TensorFlow's native start-up lines filtered and its Python logging turned down."""
+    TensorFlow's native start-up lines filtered and its Python logging turned down.
+
+    `writes_files`: the command saves a `.keras` file or exports, for which Keras imports TensorFlow
+    (when it is installed) on every backend; it is then imported here, inside the filter.
+    """
     import logging
 
     with _startup_noise_filtered():
         import keras
+
+        if writes_files and importlib.util.find_spec("tensorflow") is not None:
+            import tensorflow  # noqa: F401
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     if "absl.logging" in sys.modules:
         sys.modules["absl.logging"].set_verbosity("error")
@@ -384,7 +391,7 @@ def _info(args) -> int:
 def _build(args) -> int:
     output = _output_file(args.output)
     _snapshot_directory(args.directory, args.last)
-    keras = _import_keras()
+    keras = _import_keras(writes_files=True)
     _check_activation(keras, args.output_activation)
 
     from keras_snapshot.ensemble import build_ensemble
@@ -420,7 +427,7 @@ def _export(args, argv: list[str]) -> int:
             f"Version {args.version} already exists: {str(serving_dir / str(args.version))!r}. Pass another "
             "--version, leave --version out for the next free one, or add --overwrite to replace it."
         )
-    keras = _import_keras()
+    keras = _import_keras(writes_files=True)
 
     from keras_snapshot.export import export_saved_model
     from keras_snapshot.members import load_model
@@ -429,9 +436,6 @@ def _export(args, argv: list[str]) -> int:
     model = load_model(model_path, safe_mode=not args.unsafe, what="model")
     backend = keras.backend.backend()
     tensorflow_installed = importlib.util.find_spec("tensorflow") is not None
-    if backend == "jax" and tensorflow_installed:
-        with _startup_noise_filtered():  # Keras exports through TensorFlow: load it quietly now
-            import tensorflow  # noqa: F401
     reexec = not os.environ.get(_REEXEC_FLAG)
     if backend == "torch" and args.format == "tf_saved_model" and tensorflow_installed and reexec:
         # torch cannot write a SavedModel; the .keras file is backend-independent, so the
@@ -510,7 +514,7 @@ def _distill(args) -> int:
     _data_file(args.data, "--data")
     if args.validation_data is not None:
         _data_file(args.validation_data, "--validation-data")
-    keras = _import_keras()
+    keras = _import_keras(writes_files=True)
     _check_activation(keras, args.output_activation)
 
     from keras_snapshot.distillation import distill
@@ -550,7 +554,7 @@ def _average(args) -> int:
         _data_file(args.bn_data, "--bn-data")
     if args.validation_data is not None:
         _data_file(args.validation_data, "--validation-data")
-    _import_keras()
+    _import_keras(writes_files=True)
 
     from keras_snapshot.averaging import average_weights
     from keras_snapshot.manifest import atomic_write
