@@ -270,7 +270,11 @@ class JaxRateSetter:
         first = step - step % self.CHUNK
         if first != self.first or step in self.handed:
             rates = np.array([self.rate_of(t) for t in range(first, first + self.CHUNK)], dtype=like.dtype)
-            self.first, self.rates = first, _jax_splitter(self.CHUNK, like.sharding)(rates)
+            # Placed as the trainer's value is: committed to its sharding, or left uncommitted as
+            # Keras's own values are without a distribution. A rate placed otherwise than the
+            # value it replaces makes jit(train_step) compile again (it counts placement).
+            sharding = like.sharding if getattr(like, "committed", True) else None
+            self.first, self.rates = first, _jax_splitter(self.CHUNK, sharding)(rates)
             self.handed = set()
         self.handed.add(step)
         return self.rates[step - first]
@@ -286,14 +290,16 @@ _JAX_SPLITTERS: dict = {}
 
 
 def _jax_splitter(size: int, sharding):
-    """A compiled function: `size` values -> `size` device scalars placed like `sharding` (one per
-    process and placement, so that each fit does not compile it again)."""
+    """A compiled function: `size` values -> `size` device scalars placed like `sharding` (None:
+    uncommitted, as the results of a jit call on host values are); one per process and placement,
+    so that each fit does not compile it again."""
     key = (size, sharding)
     if key not in _JAX_SPLITTERS:
         import jax
 
-        _JAX_SPLITTERS[key] = jax.jit(
-            lambda values: tuple(values[i] for i in range(size)), out_shardings=(sharding,) * size
+        split = lambda values: tuple(values[i] for i in range(size))  # noqa: E731
+        _JAX_SPLITTERS[key] = (
+            jax.jit(split) if sharding is None else jax.jit(split, out_shardings=(sharding,) * size)
         )
     return _JAX_SPLITTERS[key]
 
