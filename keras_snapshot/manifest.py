@@ -109,10 +109,8 @@ def check_entry_file(directory: str | os.PathLike, entry: dict, source: str) -> 
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
     """Writes `manifest` as `directory/manifest.json`, atomically.
 
-    Raises ValueError, writing nothing, where an entry's file is not a plain file name inside
-    `directory`."""
-    for entry in manifest.get("snapshots", ()):
-        check_entry_file(directory, entry, str(Path(directory) / MANIFEST_NAME))
+    Raises ValueError, writing nothing, where an entry is not valid (`check_entries`)."""
+    check_entries(directory, manifest.get("snapshots", []), str(Path(directory) / MANIFEST_NAME))
     text = json.dumps(manifest, indent=2, sort_keys=False, allow_nan=True) + "\n"
 
     def write(path: str) -> None:
@@ -125,9 +123,10 @@ def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
 def read_manifest(directory: str | os.PathLike) -> dict | None:
     """The manifest of a snapshot directory, or None where there is none yet.
 
-    Raises ValueError, naming the file, when it exists but is not a valid manifest, or when an
-    entry's file is not a plain file name inside the directory (a path with a separator, `..`,
-    an absolute path, a symlink leading out).
+    Raises ValueError, naming the file and the entry, when it exists but is not a valid manifest:
+    an entry without cycle/step/file, a cycle that is not an integer >= 1, a step that is not an
+    integer >= 0, two entries of one cycle or one file, or a file that is not a plain file name
+    inside the directory (a path with a separator, `..`, an absolute path, a symlink leading out).
     """
     path = Path(directory) / MANIFEST_NAME
     try:
@@ -147,11 +146,51 @@ def read_manifest(directory: str | os.PathLike) -> dict | None:
             f"{path} has manifest format {manifest.get('format')!r}; this keras-snapshot "
             f"reads format {MANIFEST_FORMAT}."
         )
-    for entry in manifest["snapshots"]:
-        if not isinstance(entry, dict) or not {"cycle", "step", "file"} <= entry.keys():
-            raise ValueError(f"{path} has a snapshot entry without cycle/step/file: {entry!r}.")
-        check_entry_file(directory, entry, str(path))
+    check_entries(directory, manifest["snapshots"], str(path))
     return manifest
+
+
+def _is_count(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def check_entries(directory: str | os.PathLike, snapshots: list, source: str) -> None:
+    """Raises ValueError, naming the entry (its position and cycle), unless every entry is a dict
+    with an integer `cycle` >= 1, an integer `step` >= 0 (and `iterations`/`batches`, where
+    present), a plain file name inside `directory`, and no two entries share a cycle or a file.
+
+    Two entries of one cycle would make two ensemble members of one name (the ensemble silently
+    shrinks to one); two of one file would count that snapshot twice."""
+    cycles, files = {}, {}
+    for position, entry in enumerate(snapshots, start=1):
+        where = f"{source}: snapshot entry {position}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} is {entry!r}, not an object with cycle, step and file.")
+        missing = [key for key in ("cycle", "step", "file") if key not in entry]
+        if missing:
+            raise ValueError(f"{where} has no {'/'.join(missing)}: {entry!r}.")
+        cycle = entry["cycle"]
+        if not _is_count(cycle, 1):
+            raise ValueError(
+                f"{where} has cycle {cycle!r} ({type(cycle).__name__}); a cycle is an integer >= 1."
+            )
+        for key, minimum in (("step", 0), ("iterations", 0), ("batches", 0)):
+            if key in entry and not _is_count(entry[key], minimum):
+                raise ValueError(
+                    f"{where} (cycle {cycle}) has {key} {entry[key]!r}; it must be an integer >= {minimum}."
+                )
+        check_entry_file(directory, entry, source)
+        if cycle in cycles:
+            raise ValueError(
+                f"{where} repeats cycle {cycle} of entry {cycles[cycle]}: each cycle has one snapshot. "
+                "Remove the wrong entry from the manifest."
+            )
+        if entry["file"] in files:
+            raise ValueError(
+                f"{where} (cycle {cycle}) names the file {entry['file']!r} of entry {files[entry['file']]}: "
+                "each snapshot has its own file. Remove the wrong entry from the manifest."
+            )
+        cycles[cycle], files[entry["file"]] = position, position
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
