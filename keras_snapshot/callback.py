@@ -346,6 +346,8 @@ class SnapshotCallback(keras.callbacks.Callback):
                     f"Cannot write to the snapshot directory {str(self.directory)!r}: {error}. "
                     "Pass a writable directory."
                 ) from None
+            # One writer per directory: a second live run would mix its snapshots with this one's.
+            self._lock = manifest_lib.lock_directory(self.directory)
             manifest_lib.remove_stale_temporaries(self.directory)
             manifest = manifest_lib.read_manifest(self.directory)
         run = {
@@ -529,7 +531,11 @@ class SnapshotCallback(keras.callbacks.Callback):
         if self._deferred is not None:  # training stopped between the last batch and epoch end
             cycle, self._deferred = self._deferred, None
             self._snapshot(cycle, logs)
-        self._finish_run(logs)
+        try:
+            self._finish_run(logs)
+        finally:
+            manifest_lib.unlock_directory(getattr(self, "_lock", None))
+            self._lock = None
         self._step = None
 
     # ------------------------------------------------------------------ other callbacks

@@ -19,11 +19,17 @@ other entry with a ValueError naming it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one writer per directory is then the user's care
+    fcntl = None
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -203,3 +209,72 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
         except OSError:
             pass
     return removed
+
+
+# --------------------------------------------------------------------------------- one writer
+# The directories this process holds the writer lock of: (st_dev, st_ino) -> the open descriptor.
+_LOCKS: dict[tuple[int, int], int] = {}
+
+
+def _lock_holder(status: os.stat_result) -> str:
+    """Who holds the lock on the directory of `status`, as far as /proc/locks (Linux) tells."""
+    try:
+        with open("/proc/locks", encoding="ascii") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return "another process"
+    device = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
+    for line in lines:
+        fields = line.split()
+        if "FLOCK" in fields and device in fields:
+            pid = fields[fields.index(device) - 1]
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                    command = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                command = ""
+            return f"process {pid}" + (f" ({command[:200]})" if command else "")
+    return "another process"
+
+
+def lock_directory(directory: str | os.PathLike) -> tuple[int, int] | None:
+    """Takes the writer lock of a snapshot directory for this process; returns its key for
+    `unlock_directory` (None where the system has no such locks).
+
+    The lock is an advisory `flock` on the directory itself (no file is added to it), which the
+    operating system releases when the process ends, however it ends (SIGKILL included): a killed
+    run never blocks its own resumption. Held already by this process: nothing to do (a run that
+    resumes in the process that was interrupted). Held by another process: RuntimeError naming
+    the directory and that process."""
+    if fcntl is None:
+        return None
+    descriptor = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    status = os.fstat(descriptor)
+    key = (status.st_dev, status.st_ino)
+    if key in _LOCKS:
+        os.close(descriptor)
+        return key
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(descriptor)
+        if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None  # a file system without flock: no lock rather than no training
+        raise RuntimeError(
+            f"The snapshot directory {str(directory)!r} is being written by another run: "
+            f"{_lock_holder(status)} holds its writer lock. Two runs in one directory would mix their "
+            "snapshots. Give this run its own directory, or stop the other run first (a process that "
+            "ends, even killed, releases the directory by itself)."
+        ) from None
+    _LOCKS[key] = descriptor
+    return key
+
+
+def unlock_directory(key: tuple[int, int] | None) -> None:
+    """Releases the writer lock `lock_directory` took (nothing where it took none)."""
+    descriptor = _LOCKS.pop(key, None) if key is not None else None
+    if descriptor is not None:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+        finally:
+            os.close(descriptor)
