@@ -89,16 +89,33 @@ def _writable_ancestor(path: Path) -> Path | None:
 class SnapshotCallback(keras.callbacks.Callback):
     """Snapshot Ensembles: a cyclic cosine learning rate and a `.keras` snapshot per cycle.
 
-    Over a run of T training steps split into M cycles the rate on step t (1-based,
-    counted by the optimizer's global `iterations`, so it stays right across several
-    `fit` calls and after `BackupAndRestore`) is
+    Over a run of T training steps split into M cycles the rate on step t (1-based) is
 
         alpha0 / 2 * (cos(pi * mod(t - 1, ceil(T/M)) / ceil(T/M)) + 1)
 
     (Huang et al., ICLR 2017). At the last step of every cycle the whole model is
     written to `directory` as a `.keras` file and recorded in
-    `directory/manifest.json` (cycle, global step, epoch, learning rate, the logs
+    `directory/manifest.json` (cycle, step, global epoch, learning rate, the logs
     then, file name). Files are written atomically and only by the chief worker.
+
+    The step model. t counts the optimizer's steps as Keras's learning-rate schedules
+    do (what the in-graph `SnapshotSchedule` receives): one per batch whose gradients
+    are applied or accumulated, saved with the optimizer, so it stays right across
+    `fit` calls and after `BackupAndRestore`. T defaults to `epochs x steps_per_epoch`.
+
+    - Gradient accumulation (`gradient_accumulation_steps=k`): every batch is a step,
+      the weights move every k-th with the rate of its step; `optimizer.iterations`
+      (the updates, step // k) is recorded as `iterations` in the manifest.
+    - Mixed precision (a `LossScaleOptimizer`): a batch whose gradients overflow is
+      skipped and the step stays, so the next batch gets that step's rate. The run
+      ends short of T by the skipped updates; the final weights are then the last
+      cycle's snapshot, taken at train end and recorded with the step reached (and
+      `batches`, the batches trained).
+    - A warm start (an optimizer that has taken steps, first `fit` into a new
+      directory) is refused at the first batch: compile again with a new optimizer
+      to start the cycles from the warm weights.
+    - One writer per directory: a second live process gets a RuntimeError naming it
+      and the process holding it (an OS lock, released when that process dies).
 
     Two ways to drive the rate:
 
@@ -126,24 +143,26 @@ class SnapshotCallback(keras.callbacks.Callback):
       changes the rate is caught by its effect: at the first batch of every epoch
       the rate must still be the one SnapshotCallback set last, else RuntimeError
       naming the callbacks that may have done it.
-    - A run stopped before the last cycle ends (`EarlyStopping`, `TerminateOnNaN`:
-      anything that sets `model.stop_training`) gets a RuntimeWarning at train end
-      with the snapshots taken and the step reached; `build_ensemble` works on the
-      snapshots taken.
+    - A run that ends before its last cycle (`EarlyStopping`, `TerminateOnNaN` or
+      anything that sets `model.stop_training`, data that ran out, `initial_epoch`
+      on an optimizer that has not taken those steps) gets a RuntimeWarning at train
+      end with the snapshots taken and the step reached; `build_ensemble` works on
+      the snapshots taken.
 
-    Steps are counted from the optimizer's `iterations`: with `steps_per_execution`
-    k > 1 it is read after every execution (the batch index Keras passes to the
-    hooks differs between Keras releases); with k = 1 each batch hook counts one
-    step and the count is checked against `iterations` at every epoch end.
+    The step is read from the optimizer after every batch where updates can be
+    skipped or hooks fire once per execution of `steps_per_execution` > 1 steps (the
+    batch index Keras passes to the hooks differs between Keras releases); otherwise
+    each batch hook counts one step, checked against the optimizer at every epoch end.
 
     Args:
         directory: where snapshots and the manifest go; created if missing.
         cycles: M, the number of cycles and of snapshots (>= 1).
         initial_learning_rate: alpha0, the rate at the start of every cycle. Defaults
             to 0.1, or to the `SnapshotSchedule`'s rate on the in-graph path.
-        total_steps: T, the number of training steps of the whole run. Defaults to
-            `epochs * steps_per_epoch` of the `fit` call; pass it when the run spans
-            several `fit` calls or the dataset's length is unknown.
+        total_steps: T, the number of training steps (batches, see the step model
+            above) of the whole run. Defaults to `epochs * steps_per_epoch` of the
+            `fit` call; pass it when the run spans several `fit` calls or the
+            dataset's length is unknown.
         filename: snapshot file name pattern with a `{cycle}` field, ending in `.keras`.
         verbose: 1 prints a line per snapshot written.
 
@@ -533,6 +552,10 @@ class SnapshotCallback(keras.callbacks.Callback):
             self._snapshot(cycle, logs)
         try:
             self._finish_run(logs)
+            if self._chief and self._first_epoch is not None and self._fit_batches:
+                # The global epoch reached, for the epoch numbers of a later fit that starts from 0.
+                self._manifest["epochs"] = self._epoch_offset + self._epoch + 1
+                manifest_lib.write_manifest(self.directory, self._manifest)
         finally:
             manifest_lib.unlock_directory(getattr(self, "_lock", None))
             self._lock = None

@@ -325,6 +325,21 @@ def test_stop_training_from_any_callback_warns(tmp_path):
         )
 
 
+def test_the_manifest_epoch_is_global_across_fit_calls(tmp_path):
+    # Three fits of 2 epochs each, none with initial_epoch (Keras numbers each fit's epochs from 0);
+    # T = 60 given, 6 cycles of one epoch each. The third fit has a new callback (as a new process
+    # would): it continues the count from the manifest.
+    x, y = one_hot_data(10)
+    model = make_model(10, 0.5)
+    callback = SnapshotCallback(tmp_path / "s", cycles=6, total_steps=60)
+    for fit in range(3):
+        if fit == 2:
+            callback = SnapshotCallback(tmp_path / "s", cycles=6, total_steps=60)
+        model.fit(x, y, batch_size=1, epochs=2, verbose=0, callbacks=[callback])
+    entries = keras_snapshot.read_manifest(tmp_path / "s")["snapshots"]
+    assert [(e["step"], e["epoch"]) for e in entries] == [(10 * i, i) for i in range(1, 7)]
+
+
 # --------------------------------------------------------------------------- warm starts
 def test_warm_up_before_the_first_fit_is_refused_then_a_fresh_optimizer_starts_the_cycles(tmp_path):
     x, y = one_hot_data(8)
