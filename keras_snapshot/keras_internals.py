@@ -109,8 +109,13 @@ class RateAssigner:
     def assign(self, optimizer, rate: float) -> None:
         variable = optimizer.learning_rate  # the rate's Variable itself when compiled with a float
         backend = keras.backend.backend()
+        if isinstance(variable, keras.Variable) and backend == "jax":
+            # Keras's assignment is already the direct one; the value goes in placed as the one it
+            # replaces (committed to its sharding or not), else jit(train_step) compiles again.
+            variable.assign(_placed_like(variable.value, rate))
+            return
         if not isinstance(variable, keras.Variable) or backend not in ("tensorflow", "torch"):
-            optimizer.learning_rate = rate  # JAX: Keras's assignment is already the direct one
+            optimizer.learning_rate = rate
             return
         if self.in_place:
             _assign_in_place(backend, variable, rate)
@@ -133,6 +138,17 @@ class RateAssigner:
                 "optimizer.learning_rate = rate",
             )
             optimizer.learning_rate = rate
+
+
+def _placed_like(current, rate: float):
+    """`rate` as a JAX array of `current`'s dtype, committed to its sharding where it is committed
+    (public JAX API: `jax.Array.committed`, `.sharding`, `jax.device_put`)."""
+    import jax
+
+    value = np.asarray(rate, dtype=current.dtype)
+    if getattr(current, "committed", False):
+        return jax.device_put(value, current.sharding)
+    return jax.numpy.asarray(value)
 
 
 def _assign_in_place(backend: str, variable, rate: float) -> None:
