@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import time
@@ -88,16 +89,33 @@ def _writable_ancestor(path: Path) -> Path | None:
 class SnapshotCallback(keras.callbacks.Callback):
     """Snapshot Ensembles: a cyclic cosine learning rate and a `.keras` snapshot per cycle.
 
-    Over a run of T training steps split into M cycles the rate on step t (1-based,
-    counted by the optimizer's global `iterations`, so it stays right across several
-    `fit` calls and after `BackupAndRestore`) is
+    Over a run of T training steps split into M cycles the rate on step t (1-based) is
 
         alpha0 / 2 * (cos(pi * mod(t - 1, ceil(T/M)) / ceil(T/M)) + 1)
 
     (Huang et al., ICLR 2017). At the last step of every cycle the whole model is
     written to `directory` as a `.keras` file and recorded in
-    `directory/manifest.json` (cycle, global step, epoch, learning rate, the logs
+    `directory/manifest.json` (cycle, step, global epoch, learning rate, the logs
     then, file name). Files are written atomically and only by the chief worker.
+
+    The step model. t counts the optimizer's steps as Keras's learning-rate schedules
+    do (what the in-graph `SnapshotSchedule` receives): one per batch whose gradients
+    are applied or accumulated, saved with the optimizer, so it stays right across
+    `fit` calls and after `BackupAndRestore`. T defaults to `epochs x steps_per_epoch`.
+
+    - Gradient accumulation (`gradient_accumulation_steps=k`): every batch is a step,
+      the weights move every k-th with the rate of its step; `optimizer.iterations`
+      (the updates, step // k) is recorded as `iterations` in the manifest.
+    - Mixed precision (a `LossScaleOptimizer`): a batch whose gradients overflow is
+      skipped and the step stays, so the next batch gets that step's rate. The run
+      ends short of T by the skipped updates; the final weights are then the last
+      cycle's snapshot, taken at train end and recorded with the step reached (and
+      `batches`, the batches trained).
+    - A warm start (an optimizer that has taken steps, first `fit` into a new
+      directory) is refused at the first batch: compile again with a new optimizer
+      to start the cycles from the warm weights.
+    - One writer per directory: a second live process gets a RuntimeError naming it
+      and the process holding it (an OS lock, released when that process dies).
 
     Two ways to drive the rate:
 
@@ -125,24 +143,26 @@ class SnapshotCallback(keras.callbacks.Callback):
       changes the rate is caught by its effect: at the first batch of every epoch
       the rate must still be the one SnapshotCallback set last, else RuntimeError
       naming the callbacks that may have done it.
-    - A run stopped before the last cycle ends (`EarlyStopping`, `TerminateOnNaN`:
-      anything that sets `model.stop_training`) gets a RuntimeWarning at train end
-      with the snapshots taken and the step reached; `build_ensemble` works on the
-      snapshots taken.
+    - A run that ends before its last cycle (`EarlyStopping`, `TerminateOnNaN` or
+      anything that sets `model.stop_training`, data that ran out, `initial_epoch`
+      on an optimizer that has not taken those steps) gets a RuntimeWarning at train
+      end with the snapshots taken and the step reached; `build_ensemble` works on
+      the snapshots taken.
 
-    Steps are counted from the optimizer's `iterations`: with `steps_per_execution`
-    k > 1 it is read after every execution (the batch index Keras passes to the
-    hooks differs between Keras releases); with k = 1 each batch hook counts one
-    step and the count is checked against `iterations` at every epoch end.
+    The step is read from the optimizer after every batch where updates can be
+    skipped or hooks fire once per execution of `steps_per_execution` > 1 steps (the
+    batch index Keras passes to the hooks differs between Keras releases); otherwise
+    each batch hook counts one step, checked against the optimizer at every epoch end.
 
     Args:
         directory: where snapshots and the manifest go; created if missing.
         cycles: M, the number of cycles and of snapshots (>= 1).
         initial_learning_rate: alpha0, the rate at the start of every cycle. Defaults
             to 0.1, or to the `SnapshotSchedule`'s rate on the in-graph path.
-        total_steps: T, the number of training steps of the whole run. Defaults to
-            `epochs * steps_per_epoch` of the `fit` call; pass it when the run spans
-            several `fit` calls or the dataset's length is unknown.
+        total_steps: T, the number of training steps (batches, see the step model
+            above) of the whole run. Defaults to `epochs * steps_per_epoch` of the
+            `fit` call; pass it when the run spans several `fit` calls or the
+            dataset's length is unknown.
         filename: snapshot file name pattern with a `{cycle}` field, ending in `.keras`.
         verbose: 1 prints a line per snapshot written.
 
@@ -345,6 +365,8 @@ class SnapshotCallback(keras.callbacks.Callback):
                     f"Cannot write to the snapshot directory {str(self.directory)!r}: {error}. "
                     "Pass a writable directory."
                 ) from None
+            # One writer per directory: a second live run would mix its snapshots with this one's.
+            self._lock = manifest_lib.lock_directory(self.directory)
             manifest_lib.remove_stale_temporaries(self.directory)
             manifest = manifest_lib.read_manifest(self.directory)
         run = {
@@ -353,8 +375,13 @@ class SnapshotCallback(keras.callbacks.Callback):
             "cycle_length": self._cycle_length,
             "initial_learning_rate": self._alpha0,
         }
+        self._fresh_directory = manifest is None
         if manifest is None:
             manifest = {"format": manifest_lib.MANIFEST_FORMAT, **run, "snapshots": []}
+            if self._chief:
+                # Written now, so that a run interrupted before its first snapshot is recognised as
+                # this run when it resumes (its optimizer has taken steps by then).
+                manifest_lib.write_manifest(self.directory, manifest)
         else:
             recorded = {key: manifest.get(key) for key in run}
             if recorded != run:
@@ -364,6 +391,23 @@ class SnapshotCallback(keras.callbacks.Callback):
                 )
         self._manifest = manifest
         self._adopt_unrecorded_snapshots()
+
+    def _refuse_warm_start(self) -> None:
+        """The first fit into a new directory with an optimizer that has already taken steps."""
+        if not self._manifest["snapshots"]:
+            try:  # the manifest this fit wrote at train begin: leave the directory as it was
+                (self.directory / manifest_lib.MANIFEST_NAME).unlink()
+            except OSError:
+                pass
+        raise ValueError(
+            f"The optimizer has already taken {self._step} steps, but {str(self.directory)!r} holds no run "
+            "yet: the schedule counts the optimizer's steps from the start of the run, so it would begin "
+            f"at step {self._step + 1} and record the warm-up model as a snapshot. To start the cycles from "
+            "a warm (pre-trained or warmed-up) model, compile it again with a new optimizer, e.g. "
+            "`model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss=...)` (the weights "
+            "stay, the step count starts at 0), then fit with SnapshotCallback. To resume an interrupted "
+            "run, use the directory it wrote."
+        )
 
     def _adopt_unrecorded_snapshots(self) -> None:
         """Records snapshot files that were written just before a crash hit the manifest write.
@@ -399,13 +443,22 @@ class SnapshotCallback(keras.callbacks.Callback):
         self._prepare_directory()
         model = self.model
         self._assigner = keras_internals.RateAssigner()
-        self._iterations = keras_internals.IterationsReader()
+        self._iterations = keras_internals.IterationsReader(model.optimizer)
         self._execution = int(getattr(model, "steps_per_execution", 1) or 1)
+        # A loss-scale optimizer (what compile wraps the optimizer in under mixed_float16) skips the
+        # update of a batch whose gradients overflow, and the step count stays: read it after every
+        # batch then. Otherwise (gradient accumulation included) each batch is one step: counted.
+        self._skips_possible = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        self._read_each_batch = self._execution > 1 or self._skips_possible
         if self._sets_rate and keras_internals.JaxRateSetter.applies(model):
             self._jax_rates = keras_internals.JaxRateSetter(model, self._rate)
         else:
             self._jax_rates = None
         self._step = None  # read from the optimizer at the first batch, after any restore
+        self._fit_start = None  # the step count at this fit's first batch
+        self._fit_batches = 0  # batches run in this fit
+        self._first_epoch = None  # Keras's index of this fit's first epoch
+        self._epoch_offset = 0  # epochs of earlier fits, where Keras numbers this fit's from 0
         self._epoch = 0
         self._epoch_batches = 0  # batch hooks seen in this epoch
         self._assigned = None  # the rate this callback set last, in this fit
@@ -414,6 +467,8 @@ class SnapshotCallback(keras.callbacks.Callback):
         self._warned_count = False
 
     def on_epoch_begin(self, epoch, logs=None):
+        if self._first_epoch is None:
+            self._first_epoch = epoch
         self._epoch = epoch
         self._epoch_batches = 0
 
@@ -438,12 +493,14 @@ class SnapshotCallback(keras.callbacks.Callback):
         if self._step is None:  # a subclass or hook order skipped batch_begin
             self._start_counting()
         self._epoch_batches += 1
-        if self._execution > 1:
-            # One hook for several steps, and the batch index Keras passes is the execution's first
-            # step on Keras 3.10, its last on 3.11+: the optimizer's count is right on all.
+        self._fit_batches += self._batches_of_hook()
+        if self._read_each_batch:
+            # One hook for several steps (the batch index Keras passes is the execution's first step
+            # on Keras 3.10, its last on 3.11+), or a batch whose update a loss-scale optimizer may
+            # have skipped: the optimizer's count is right on all.
             self._step = self._iterations.read(self)
         else:
-            # One hook per step: counting is free, and is checked against optimizer.iterations at
+            # One hook per step: counting is free, and is checked against the optimizer's count at
             # every epoch end (where reading it costs no state sync).
             self._step += 1
         if self._jax_rates is not None and self._jax_rates.pending is not None:
@@ -493,7 +550,15 @@ class SnapshotCallback(keras.callbacks.Callback):
         if self._deferred is not None:  # training stopped between the last batch and epoch end
             cycle, self._deferred = self._deferred, None
             self._snapshot(cycle, logs)
-        self._warn_if_stopped_early()
+        try:
+            self._finish_run(logs)
+            if self._chief and self._first_epoch is not None and self._fit_batches:
+                # The global epoch reached, for the epoch numbers of a later fit that starts from 0.
+                self._manifest["epochs"] = self._epoch_offset + self._epoch + 1
+                manifest_lib.write_manifest(self.directory, self._manifest)
+        finally:
+            manifest_lib.unlock_directory(getattr(self, "_lock", None))
+            self._lock = None
         self._step = None
 
     # ------------------------------------------------------------------ other callbacks
@@ -557,43 +622,121 @@ class SnapshotCallback(keras.callbacks.Callback):
     def _check_step_count(self) -> None:
         """At epoch end (where reading it costs no state sync): the step must equal the optimizer's
         iterations, counted (one batch hook per step) or read inside the epoch."""
-        iterations = int(np.asarray(keras.ops.convert_to_numpy(self.model.optimizer.iterations)))
+        iterations = self._iterations.read(self)
         if iterations == self._step:
             return
         if not self._warned_count:
             self._warned_count = True
             warnings.warn(
-                f"SnapshotCallback counted step {self._step} but optimizer.iterations is {iterations} at the "
-                f"end of epoch {self._epoch + 1}: some batches did not count as optimizer steps (a "
-                "LossScaleOptimizer skips steps with non-finite gradients) or batch hooks did not run once "
-                "per step. The schedule follows optimizer.iterations from here on; the rates of this epoch "
-                f"were off by up to {abs(iterations - self._step)} steps.",
+                f"SnapshotCallback counted step {self._step} but the optimizer's step count is {iterations} "
+                f"at the end of epoch {self._epoch + 1}: batch hooks did not run once per step (a callback "
+                "or trainer that skips them?). The schedule follows the optimizer's count from here on; the "
+                f"rates of this epoch were off by up to {abs(iterations - self._step)} steps.",
                 RuntimeWarning,
                 stacklevel=2,
             )
         self._step = iterations
 
-    def _warn_if_stopped_early(self) -> None:
-        last = self._cycle_ends[-1]
-        if not getattr(self.model, "stop_training", False) or self._step >= last:
+    def _skip_allowance(self) -> int:
+        """How many updates a loss-scale optimizer may skip in a healthy run: one per halving of its
+        initial scale while it settles, and about two per growth of the scale after that."""
+        if not self._skips_possible:
+            return 0
+        optimizer = self.model.optimizer
+        scale = float(getattr(optimizer, "initial_scale", 2.0**15) or 1.0)
+        growth = int(getattr(optimizer, "dynamic_growth_steps", 2000) or 2000)
+        return math.ceil(math.log2(max(scale, 1.0))) + 1 + 2 * (-(-self._total // growth))
+
+    def _finish_run(self, logs) -> None:
+        """At train end: the last snapshot where skipped updates kept the step count below T, else a
+        warning wherever a cycle has no snapshot and the fit is not one part of a longer run."""
+        missing = [cycle for cycle in range(1, self.cycles + 1) if cycle not in self._done_cycles]
+        if not missing or self._fit_start is None:
             return
-        taken = sorted(cycle for cycle in self._done_cycles if self._cycle_ends[cycle - 1] <= self._step)
-        stoppers = [type(c).__name__ for c in self._siblings or () if isinstance(c, _STOPPERS)]
-        by = f" by {', '.join(stoppers)}" if stoppers else " by a callback"
-        warnings.warn(
-            f"Training was stopped{by} at step {self._step} of {self._total}, before the last cycle ended "
-            f"(step {last}): {len(taken)} of the {self.cycles} snapshots were taken"
+        params = self.params or {}
+        steps, epochs = params.get("steps"), params.get("epochs")
+        planned = None
+        if steps and epochs and self._first_epoch is not None:
+            planned = max(0, epochs - self._first_epoch) * steps  # batches this fit was to run
+        stopped = bool(getattr(self.model, "stop_training", False))
+        ran_out = not stopped and planned is not None and self._fit_batches < planned
+        skipped = max(0, self._fit_batches - (self._step - self._fit_start))
+        allowance = self._skip_allowance()
+        # The step this fit would have reached had no update been skipped.
+        reach = self._fit_start + (planned if planned is not None else self._fit_batches)
+        ends_run = reach + allowance >= self._total
+        short = self._total - self._step
+        previous_end = self._cycle_ends[-2] if self.cycles > 1 else 0
+        if (
+            not stopped
+            and not ran_out
+            and ends_run
+            and missing == [self.cycles]
+            and self._step > previous_end
+            and short <= skipped + allowance
+        ):
+            # The run is over: its last cycle ended short by the updates the loss scaler skipped.
+            # The final weights are that cycle's snapshot, recorded with their own step count.
+            self._snapshot(self.cycles, logs, step=self._step)
+            return
+        if not stopped and not ran_out and not ends_run and self.total_steps is not None:
+            return  # one fit of a run that total_steps says goes on in another fit
+        taken = sorted(self._done_cycles)
+        head = (
+            f"{len(taken)} of the {self.cycles} snapshots were taken"
             + (f" (cycles {taken})" if taken else "")
-            + ". build_ensemble works on the snapshots taken. Stopping early defeats the schedule: the "
-            "rate restarts high at every cycle, so a pause in progress does not mean the end. Remove "
-            "EarlyStopping, or set total_steps (or epochs) to the run you mean and let it finish.",
-            RuntimeWarning,
-            stacklevel=2,
+            + f"; the run reached step {self._step} of T={self._total}"
         )
+        if stopped:
+            stoppers = [type(c).__name__ for c in self._siblings or () if isinstance(c, _STOPPERS)]
+            by = f" by {', '.join(stoppers)}" if stoppers else " by a callback (model.stop_training)"
+            message = (
+                f"Training was stopped{by} at step {self._step} of {self._total}, before the last cycle "
+                f"ended (step {self._cycle_ends[-1]}): {head}. build_ensemble works on the snapshots taken. "
+                "Stopping early defeats the schedule: the rate restarts high at every cycle, so a pause in "
+                "progress does not mean the end. Remove EarlyStopping, or set total_steps (or epochs) to "
+                "the run you mean and let it finish."
+            )
+        elif ran_out:
+            message = (
+                f"The data ran out: this fit ran {self._fit_batches} of its {planned} batches "
+                f"(epochs x steps_per_epoch), so the run ended before its last cycle: {head}. Make the "
+                "dataset long enough (e.g. `.repeat()` on a tf.data.Dataset), lower steps_per_epoch or "
+                "epochs, or pass total_steps= the number of batches the data gives."
+            )
+        elif not ends_run:
+            first = self._first_epoch or 0
+            message = (
+                f"This fit started at step {self._fit_start} (optimizer steps taken before it)"
+                + (f" and at epoch {first + 1} (initial_epoch={first})" if first else "")
+                + f", so its {planned if planned is not None else self._fit_batches} batches could only "
+                f"reach step {reach} of T={self._total}: {head}. The schedule counts the optimizer's "
+                "steps, not Keras's epoch numbers: start a new run from step 0 (a freshly compiled "
+                "optimizer, no initial_epoch), or pass total_steps= the number of steps this run "
+                "really trains."
+            )
+        else:
+            message = (
+                f"The loss-scale optimizer skipped {skipped} updates in this fit (gradients that "
+                f"overflowed in float16), so the run ended before its last cycle: {head}. Train a little "
+                "longer (total_steps a little below epochs x steps_per_epoch), or lower the "
+                "LossScaleOptimizer's initial_scale."
+            )
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ internals
     def _rate(self, t: int) -> float:
         return cosine_rate((t - 1) % self._cycle_length, self._cycle_length, self._alpha0)
+
+    def _batches_of_hook(self) -> int:
+        """The batches the batch hook just seen stands for: one, or an execution of k (the last
+        one of an epoch possibly shorter)."""
+        if self._execution == 1:
+            return 1
+        steps = (self.params or {}).get("steps")
+        if not steps:
+            return self._execution
+        return max(0, min(self._execution, steps - (self._epoch_batches - 1) * self._execution))
 
     def _is_last_batch_of_epoch(self) -> bool:
         """Whether the batch hook just seen ends the epoch: an epoch of S steps runs ceil(S/k)
@@ -603,8 +746,21 @@ class SnapshotCallback(keras.callbacks.Callback):
 
     def _start_counting(self) -> None:
         """Reads the global step once per fit: after on_train_begin, so after any restore."""
-        self._step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self._step = self._iterations.read(self)
+        self._fit_start = self._step
+        self._skipped_before = 0
+        steps = (self.params or {}).get("steps")
+        if self._first_epoch and steps and self._skips_possible:
+            # Keras's epoch number continues the run (BackupAndRestore, initial_epoch): the batches
+            # before this fit that made no step are updates the loss scaler skipped.
+            gap = self._first_epoch * steps - self._step
+            self._skipped_before = gap if 0 < gap <= self._skip_allowance() else 0
         self._done_cycles = {entry["cycle"] for entry in self._manifest["snapshots"]}
+        if self._step > 0 and self._fresh_directory and self._chief:
+            self._refuse_warm_start()
+        if (self._first_epoch or 0) == 0 and self._step > 0:
+            # A fit that continues a run without initial_epoch: Keras numbers its epochs from 0.
+            self._epoch_offset = int(self._manifest.get("epochs") or 0)
         if self._step == 0 and self._done_cycles and self._chief:
             if len(self._done_cycles) == self.cycles:
                 raise ValueError(
@@ -627,7 +783,7 @@ class SnapshotCallback(keras.callbacks.Callback):
             cycle = self._cycle_ends.index(self._step) + 1
             if cycle not in self._done_cycles:
                 steps = (self.params or {}).get("steps")
-                epoch = -(-self._step // steps) if steps else self._epoch
+                epoch = -(-self._step // steps) if steps else self._epoch_offset + self._epoch
                 self._snapshot(cycle, {}, epoch=epoch)
 
     def _due_cycles(self) -> list[int]:
@@ -655,9 +811,11 @@ class SnapshotCallback(keras.callbacks.Callback):
         model.save(path)
 
     def _record(self, cycle, step, epoch, logs, file, write=True) -> None:
+        counts, self._counts = getattr(self, "_counts", None) or {}, None
         entry = {
             "cycle": cycle,
             "step": step,
+            **counts,
             "epoch": epoch,
             "learning_rate": self._rate(step),
             "logs": logs,
@@ -669,15 +827,31 @@ class SnapshotCallback(keras.callbacks.Callback):
         if write:
             manifest_lib.write_manifest(self.directory, self._manifest)
 
-    def _snapshot(self, cycle: int, logs, epoch: int | None = None) -> None:
+    def _saved_counts(self, step: int) -> dict:
+        """What the saved model's optimizer says, where it differs from `step` (the schedule's count):
+        `iterations` (the weight updates: step // k with gradient accumulation) and `batches` (the
+        batches trained, more than `step` where a loss-scale optimizer skipped updates)."""
+        counts = {}
+        iterations = int(np.asarray(keras.ops.convert_to_numpy(self.model.optimizer.iterations)))
+        if iterations != step:
+            counts["iterations"] = iterations
+        if self._fit_start is not None:
+            batches = self._fit_start + self._fit_batches + self._skipped_before
+            if batches != step:
+                counts["batches"] = batches
+        return counts
+
+    def _snapshot(self, cycle: int, logs, epoch: int | None = None, step: int | None = None) -> None:
         self._done_cycles.add(cycle)
         if not self._chief:
             return
-        step = self._cycle_ends[cycle - 1]
+        step = self._cycle_ends[cycle - 1] if step is None else step
         name = self.filename.format(cycle=cycle)
         try:
+            counts = self._saved_counts(step)
             manifest_lib.atomic_write(self.directory / name, self._save_model, suffix=".keras")
-            epoch = self._epoch + 1 if epoch is None else epoch
+            epoch = self._epoch_offset + self._epoch + 1 if epoch is None else epoch
+            self._counts = counts  # for _record (the manifest entry)
             self._record(cycle, step, epoch, _json_logs(logs), name)
         except OSError as error:
             if not self.directory.is_dir():

@@ -10,7 +10,8 @@ breaks each one on purpose and checks both.
 | `Callback._model` | reach the model on JAX without the full state sync of `Callback.model` | is a `keras.Model` | `callback.model` (syncs, correct) |
 | backend variable `.value`, assigned in place (TF `assign`, torch `fill_`) | set the rate every batch at half the cost of `Variable.assign` | the rate reads back exactly after the first assignment | `optimizer.learning_rate = rate` |
 | JAX trainer `model._jax_state`, `model._jax_state_synced`, `Variable._value` | set the rate between JAX steps without copying every weight back | the state's groups match the model's variables, `Variable.value` returns what was put in `_value`, and after the next step the trainer's state holds the rate set | missing or different: the public sync + assignment; the trainer did not take the rate: `KerasInternalsError` (the rate of one step was wrong, so training must not go on) |
-| JAX trainer `model._jax_state` (optimizer group) | read `optimizer.iterations` inside an execution with `steps_per_execution > 1` | the group matches `optimizer.variables`; the value is an integer scalar | `callback.model.optimizer.iterations` (syncs, correct) |
+| JAX trainer `model._jax_state` (optimizer group) | read the step count inside an epoch (`steps_per_execution > 1`, or a loss-scale optimizer that skips updates) | the group matches `optimizer.variables`; the value is an integer scalar | the public read through `callback.model` (syncs, correct) |
+| `Optimizer._iterations` (of the inner optimizer of a `LossScaleOptimizer`) | the step count learning-rate schedules read, which the snapshot schedule follows (with `gradient_accumulation_steps=k`, `optimizer.iterations` is it // k) | a Variable among `optimizer.variables`; without accumulation it is `optimizer.iterations` | without accumulation `optimizer.iterations` (the same counter); with accumulation `KerasInternalsError` |
 | the caller's frame: `keras.callbacks.CallbackList.callbacks` | find the callbacks of the same `fit` (no public API) | the list holds the asking callback | None: the callers rely on detecting effects |
 | `Sequential._functional`, `Functional._nodes_by_depth`, `KerasTensor._keras_history`, `Functional._run_through_graph(inputs, operation_fn=, call_fn=)` | fusion: walk the members' graphs | `fusion_supported()` runs them on a tiny nested model | `KerasInternalsError`; fusion raises `fusion.FusionUnavailable` |
 
@@ -108,8 +109,13 @@ class RateAssigner:
     def assign(self, optimizer, rate: float) -> None:
         variable = optimizer.learning_rate  # the rate's Variable itself when compiled with a float
         backend = keras.backend.backend()
+        if isinstance(variable, keras.Variable) and backend == "jax":
+            # Keras's assignment is already the direct one; the value goes in placed as the one it
+            # replaces (committed to its sharding or not), else jit(train_step) compiles again.
+            variable.assign(_placed_like(variable.value, rate))
+            return
         if not isinstance(variable, keras.Variable) or backend not in ("tensorflow", "torch"):
-            optimizer.learning_rate = rate  # JAX: Keras's assignment is already the direct one
+            optimizer.learning_rate = rate
             return
         if self.in_place:
             _assign_in_place(backend, variable, rate)
@@ -132,6 +138,17 @@ class RateAssigner:
                 "optimizer.learning_rate = rate",
             )
             optimizer.learning_rate = rate
+
+
+def _placed_like(current, rate: float):
+    """`rate` as a JAX array of `current`'s dtype, committed to its sharding where it is committed
+    (public JAX API: `jax.Array.committed`, `.sharding`, `jax.device_put`)."""
+    import jax
+
+    value = np.asarray(rate, dtype=current.dtype)
+    if getattr(current, "committed", False):
+        return jax.device_put(value, current.sharding)
+    return jax.numpy.asarray(value)
 
 
 def _assign_in_place(backend: str, variable, rate: float) -> None:
@@ -177,7 +194,7 @@ class JaxRateSetter:
             ("metrics_variables", list(model.metrics_variables)),
         )
         self.rate_index = next((i for i, v in enumerate(self.groups[2][1]) if v is self.rate), None)
-        self.first, self.rates = None, ()
+        self.first, self.rates, self.handed = None, (), set()
         self.disabled = False
         self.checked = False  # the first use's checks passed
         self.pending = None  # (step, rate) set here and not yet seen in the trainer's state
@@ -260,11 +277,22 @@ class JaxRateSetter:
             )
 
     def device_rate(self, step: int, like):
-        """The rate of `step` as a device scalar with the dtype and sharding of `like`."""
+        """The rate of `step` as a device scalar with the dtype and sharding of `like`.
+
+        Each scalar is handed out once: the train step donates its optimizer variables, so a
+        scalar put into the rate Variable is deleted by the step that reads it. The step count
+        can stay put between two batches (a loss-scale optimizer skips the update of a batch whose
+        gradients overflow), and the same step's rate is then made again, never reused."""
         first = step - step % self.CHUNK
-        if first != self.first:
+        if first != self.first or step in self.handed:
             rates = np.array([self.rate_of(t) for t in range(first, first + self.CHUNK)], dtype=like.dtype)
-            self.first, self.rates = first, _jax_splitter(self.CHUNK, like.sharding)(rates)
+            # Placed as the trainer's value is: committed to its sharding, or left uncommitted as
+            # Keras's own values are without a distribution. A rate placed otherwise than the
+            # value it replaces makes jit(train_step) compile again (it counts placement).
+            sharding = like.sharding if getattr(like, "committed", True) else None
+            self.first, self.rates = first, _jax_splitter(self.CHUNK, sharding)(rates)
+            self.handed = set()
+        self.handed.add(step)
         return self.rates[step - first]
 
 
@@ -278,24 +306,70 @@ _JAX_SPLITTERS: dict = {}
 
 
 def _jax_splitter(size: int, sharding):
-    """A compiled function: `size` values -> `size` device scalars placed like `sharding` (one per
-    process and placement, so that each fit does not compile it again)."""
+    """A compiled function: `size` values -> `size` device scalars placed like `sharding` (None:
+    uncommitted, as the results of a jit call on host values are); one per process and placement,
+    so that each fit does not compile it again."""
     key = (size, sharding)
     if key not in _JAX_SPLITTERS:
         import jax
 
-        _JAX_SPLITTERS[key] = jax.jit(
-            lambda values: tuple(values[i] for i in range(size)), out_shardings=(sharding,) * size
+        split = lambda values: tuple(values[i] for i in range(size))  # noqa: E731
+        _JAX_SPLITTERS[key] = (
+            jax.jit(split) if sharding is None else jax.jit(split, out_shardings=(sharding,) * size)
         )
     return _JAX_SPLITTERS[key]
 
 
-class IterationsReader:
-    """`optimizer.iterations` after a batch, without the JAX state sync where the trainer's state
-    holds it (the public read syncs every weight back into the Variables)."""
+ITERATIONS = "_iterations"
 
-    def __init__(self):
+
+def schedule_step_variable(optimizer):
+    """The variable Keras's learning-rate schedules read: the optimizer's count of steps.
+
+    A schedule compiled into an optimizer is called with the (inner) optimizer's private
+    `_iterations`, which advances once per batch whose gradients are applied or accumulated.
+    The public `optimizer.iterations` is the same Variable, except with
+    `gradient_accumulation_steps=k`, where it is `_iterations // k` (the weight updates), a
+    tensor. A LossScaleOptimizer skips both on a batch whose gradients overflow.
+
+    Check: the attribute is a Variable among `optimizer.variables` and, without accumulation,
+    is `optimizer.iterations`. Fallback: `optimizer.iterations` where it is that Variable
+    (without accumulation it is the same counter); with accumulation there is no public one:
+    `KerasInternalsError`.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
+    accumulation = getattr(inner, "gradient_accumulation_steps", None)
+    variable = getattr(inner, ITERATIONS, None)
+    reason = None
+    if not isinstance(variable, keras.Variable):
+        reason = f"{ITERATIONS!r} is not a Variable"
+    elif not any(v is variable for v in optimizer.variables):
+        reason = f"{ITERATIONS!r} is not among optimizer.variables"
+    elif not accumulation and variable is not inner.iterations:
+        reason = f"{ITERATIONS!r} is not optimizer.iterations"
+    if reason is None:
+        return variable
+    public = inner.iterations
+    if not accumulation and isinstance(public, keras.Variable):
+        _fallback("Optimizer._iterations", reason, "optimizer.iterations")
+        return public
+    raise KerasInternalsError(
+        f"Keras {keras.version()} changed Optimizer.{ITERATIONS} ({reason}): with "
+        f"gradient_accumulation_steps={accumulation} the step count that learning-rate schedules "
+        "read has no public equivalent, so the snapshot schedule cannot follow it. Train without "
+        f"gradient accumulation or use a verified Keras ({', '.join(VERIFIED_KERAS_VERSIONS)}), and "
+        "please report it."
+    )
+
+
+class IterationsReader:
+    """The optimizer's step count (`schedule_step_variable`) after a batch, without the JAX state
+    sync where the trainer's state holds it (the public read syncs every weight back into the
+    Variables)."""
+
+    def __init__(self, optimizer=None):
         self.index = None
+        self.variable = None if optimizer is None else schedule_step_variable(optimizer)
         self.disabled = keras.backend.backend() != "jax"
 
     def read(self, callback) -> int:
@@ -304,13 +378,18 @@ class IterationsReader:
             value = self._from_state(model)
             if value is not None:
                 return value
-        return int(_scalar(callback.model.optimizer.iterations))
+        optimizer = callback.model.optimizer  # JAX: syncs the trainer's state into the Variables
+        if self.variable is None:
+            self.variable = schedule_step_variable(optimizer)
+        return int(_scalar(self.variable))
 
     def _from_state(self, model):
         optimizer = model.optimizer
         variables = list(optimizer.variables)
+        if self.variable is None:
+            self.variable = schedule_step_variable(optimizer)
         if self.index is None:
-            self.index = next((i for i, v in enumerate(variables) if v is optimizer.iterations), -1)
+            self.index = next((i for i, v in enumerate(variables) if v is self.variable), -1)
         state = getattr(model, JAX_STATE, None)
         values = state.get("optimizer_variables") if isinstance(state, dict) else None
         value = values[self.index] if values is not None and len(values) == len(variables) else None
@@ -319,7 +398,7 @@ class IterationsReader:
             self.disabled = True
             _fallback(
                 "the JAX trainer's state (model._jax_state['optimizer_variables'])",
-                "it does not hold optimizer.iterations",
+                "it does not hold the optimizer's step count",
                 "callback.model.optimizer.iterations",
             )
             return None

@@ -19,11 +19,17 @@ other entry with a ValueError naming it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one writer per directory is then the user's care
+    fcntl = None
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -109,10 +115,8 @@ def check_entry_file(directory: str | os.PathLike, entry: dict, source: str) -> 
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
     """Writes `manifest` as `directory/manifest.json`, atomically.
 
-    Raises ValueError, writing nothing, where an entry's file is not a plain file name inside
-    `directory`."""
-    for entry in manifest.get("snapshots", ()):
-        check_entry_file(directory, entry, str(Path(directory) / MANIFEST_NAME))
+    Raises ValueError, writing nothing, where an entry is not valid (`check_entries`)."""
+    check_entries(directory, manifest.get("snapshots", []), str(Path(directory) / MANIFEST_NAME))
     text = json.dumps(manifest, indent=2, sort_keys=False, allow_nan=True) + "\n"
 
     def write(path: str) -> None:
@@ -125,9 +129,10 @@ def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
 def read_manifest(directory: str | os.PathLike) -> dict | None:
     """The manifest of a snapshot directory, or None where there is none yet.
 
-    Raises ValueError, naming the file, when it exists but is not a valid manifest, or when an
-    entry's file is not a plain file name inside the directory (a path with a separator, `..`,
-    an absolute path, a symlink leading out).
+    Raises ValueError, naming the file and the entry, when it exists but is not a valid manifest:
+    an entry without cycle/step/file, a cycle that is not an integer >= 1, a step that is not an
+    integer >= 0, two entries of one cycle or one file, or a file that is not a plain file name
+    inside the directory (a path with a separator, `..`, an absolute path, a symlink leading out).
     """
     path = Path(directory) / MANIFEST_NAME
     try:
@@ -147,11 +152,51 @@ def read_manifest(directory: str | os.PathLike) -> dict | None:
             f"{path} has manifest format {manifest.get('format')!r}; this keras-snapshot "
             f"reads format {MANIFEST_FORMAT}."
         )
-    for entry in manifest["snapshots"]:
-        if not isinstance(entry, dict) or not {"cycle", "step", "file"} <= entry.keys():
-            raise ValueError(f"{path} has a snapshot entry without cycle/step/file: {entry!r}.")
-        check_entry_file(directory, entry, str(path))
+    check_entries(directory, manifest["snapshots"], str(path))
     return manifest
+
+
+def _is_count(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def check_entries(directory: str | os.PathLike, snapshots: list, source: str) -> None:
+    """Raises ValueError, naming the entry (its position and cycle), unless every entry is a dict
+    with an integer `cycle` >= 1, an integer `step` >= 0 (and `iterations`/`batches`, where
+    present), a plain file name inside `directory`, and no two entries share a cycle or a file.
+
+    Two entries of one cycle would make two ensemble members of one name (the ensemble silently
+    shrinks to one); two of one file would count that snapshot twice."""
+    cycles, files = {}, {}
+    for position, entry in enumerate(snapshots, start=1):
+        where = f"{source}: snapshot entry {position}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} is {entry!r}, not an object with cycle, step and file.")
+        missing = [key for key in ("cycle", "step", "file") if key not in entry]
+        if missing:
+            raise ValueError(f"{where} has no {'/'.join(missing)}: {entry!r}.")
+        cycle = entry["cycle"]
+        if not _is_count(cycle, 1):
+            raise ValueError(
+                f"{where} has cycle {cycle!r} ({type(cycle).__name__}); a cycle is an integer >= 1."
+            )
+        for key, minimum in (("step", 0), ("iterations", 0), ("batches", 0)):
+            if key in entry and not _is_count(entry[key], minimum):
+                raise ValueError(
+                    f"{where} (cycle {cycle}) has {key} {entry[key]!r}; it must be an integer >= {minimum}."
+                )
+        check_entry_file(directory, entry, source)
+        if cycle in cycles:
+            raise ValueError(
+                f"{where} repeats cycle {cycle} of entry {cycles[cycle]}: each cycle has one snapshot. "
+                "Remove the wrong entry from the manifest."
+            )
+        if entry["file"] in files:
+            raise ValueError(
+                f"{where} (cycle {cycle}) names the file {entry['file']!r} of entry {files[entry['file']]}: "
+                "each snapshot has its own file. Remove the wrong entry from the manifest."
+            )
+        cycles[cycle], files[entry["file"]] = position, position
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
@@ -164,3 +209,72 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
         except OSError:
             pass
     return removed
+
+
+# --------------------------------------------------------------------------------- one writer
+# The directories this process holds the writer lock of: (st_dev, st_ino) -> the open descriptor.
+_LOCKS: dict[tuple[int, int], int] = {}
+
+
+def _lock_holder(status: os.stat_result) -> str:
+    """Who holds the lock on the directory of `status`, as far as /proc/locks (Linux) tells."""
+    try:
+        with open("/proc/locks", encoding="ascii") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return "another process"
+    device = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
+    for line in lines:
+        fields = line.split()
+        if "FLOCK" in fields and device in fields:
+            pid = fields[fields.index(device) - 1]
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                    command = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                command = ""
+            return f"process {pid}" + (f" ({command[:200]})" if command else "")
+    return "another process"
+
+
+def lock_directory(directory: str | os.PathLike) -> tuple[int, int] | None:
+    """Takes the writer lock of a snapshot directory for this process; returns its key for
+    `unlock_directory` (None where the system has no such locks).
+
+    The lock is an advisory `flock` on the directory itself (no file is added to it), which the
+    operating system releases when the process ends, however it ends (SIGKILL included): a killed
+    run never blocks its own resumption. Held already by this process: nothing to do (a run that
+    resumes in the process that was interrupted). Held by another process: RuntimeError naming
+    the directory and that process."""
+    if fcntl is None:
+        return None
+    descriptor = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    status = os.fstat(descriptor)
+    key = (status.st_dev, status.st_ino)
+    if key in _LOCKS:
+        os.close(descriptor)
+        return key
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(descriptor)
+        if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None  # a file system without flock: no lock rather than no training
+        raise RuntimeError(
+            f"The snapshot directory {str(directory)!r} is being written by another run: "
+            f"{_lock_holder(status)} holds its writer lock. Two runs in one directory would mix their "
+            "snapshots. Give this run its own directory, or stop the other run first (a process that "
+            "ends, even killed, releases the directory by itself)."
+        ) from None
+    _LOCKS[key] = descriptor
+    return key
+
+
+def unlock_directory(key: tuple[int, int] | None) -> None:
+    """Releases the writer lock `lock_directory` took (nothing where it took none)."""
+    descriptor = _LOCKS.pop(key, None) if key is not None else None
+    if descriptor is not None:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+        finally:
+            os.close(descriptor)

@@ -153,8 +153,12 @@ def snapshot_learning_rate(t, *, initial_learning_rate: float, total_steps: int,
 class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """The Snapshot Ensembles learning rate, computed in-graph from the optimizer's step.
 
-    The optimizer calls the schedule with its 0-based `iterations`, so step `s` gets
-    `snapshot_learning_rate(s + 1, ...)`. Because the rate is part of the compiled
+    The optimizer calls the schedule with its 0-based step count, so step `s` gets
+    `snapshot_learning_rate(s + 1, ...)`. That count advances once per batch whose
+    gradients are applied or accumulated: with `gradient_accumulation_steps=k` it is
+    the batch count (`optimizer.iterations` is then the updates, count // k) and T
+    stays epochs x steps per epoch; a `LossScaleOptimizer` does not advance it on a
+    batch whose update it skips. The callback path follows the same count. Because the rate is part of the compiled
     train step, it stays exact with `steps_per_execution > 1` and `jit_compile`, and
     costs no Python work per batch. Pair it with a `SnapshotCallback` with the same
     `cycles` and `total_steps` to write the snapshots; the callback then leaves the

@@ -275,3 +275,36 @@ def test_fusion_internals_changed_raise_fusion_unavailable(monkeypatch, breakage
         fuse(models)
     assert reason in str(error.value)
     assert isinstance(error.value, fusion.FusionError)
+
+
+# ------------------------------------------------------------------------------- the step count
+def accumulating_model(steps, accumulation):
+    model = keras.Sequential(
+        [keras.Input((steps,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")]
+    )
+    model.compile(keras.optimizers.SGD(0.5, gradient_accumulation_steps=accumulation), loss="mse")
+    return model
+
+
+def test_the_step_count_schedules_read_is_the_optimizers_private_iterations():
+    # The contract: with accumulation, Keras's schedules read `_iterations` (one per batch), and the
+    # public `iterations` is it // k. A Keras that changes either breaks the step model.
+    x, y = one_hot_data(5)
+    model = accumulating_model(5, 2)
+    model.fit(x, y, batch_size=1, epochs=1, verbose=0)
+    variable = keras_internals.schedule_step_variable(model.optimizer)
+    assert isinstance(variable, keras.Variable)
+    assert int(keras.ops.convert_to_numpy(variable)) == 5
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 2
+    plain = one_weight_per_step_model(5, 0.1)
+    assert keras_internals.schedule_step_variable(plain.optimizer) is plain.optimizer.iterations
+
+
+def test_step_count_renamed_falls_back_without_accumulation_and_fails_loudly_with_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(keras_internals, "ITERATIONS", "_iterations_renamed")
+    fit_expecting_fallback(tmp_path, "Optimizer._iterations")  # the public iterations: the same counter
+    x, y = one_hot_data(5)
+    with pytest.raises(KerasInternalsError, match="gradient_accumulation_steps=2"):
+        accumulating_model(5, 2).fit(
+            x, y, batch_size=1, epochs=2, verbose=0, callbacks=[SnapshotCallback(tmp_path / "t", cycles=2)]
+        )

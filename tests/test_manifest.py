@@ -111,3 +111,75 @@ def test_build_ensemble_does_not_load_a_model_outside_the_directory(snapshot_dir
     write_raw(snapshot_dir, manifest)
     with pytest.raises(ValueError, match="not a plain file name"):
         keras_snapshot.build_ensemble(snapshot_dir)
+
+
+# --------------------------------------------------------------------------- types and uniqueness
+def entries_with(**changes):
+    """Two valid entries, the second changed."""
+    manifest = manifest_with("snapshot-01.keras", "snapshot-02.keras")
+    manifest["snapshots"][1].update(changes)
+    return manifest
+
+
+BAD_ENTRIES = [
+    ({"cycle": None}, r"snapshot entry 2 has cycle None \(NoneType\); a cycle is an integer >= 1"),
+    ({"cycle": "2"}, r"snapshot entry 2 has cycle '2' \(str\)"),
+    ({"cycle": 2.0}, r"snapshot entry 2 has cycle 2.0 \(float\)"),
+    ({"cycle": True}, r"snapshot entry 2 has cycle True \(bool\)"),
+    ({"cycle": 0}, r"snapshot entry 2 has cycle 0 \(int\)"),
+    ({"cycle": 1}, r"snapshot entry 2 repeats cycle 1 of entry 1"),
+    (
+        {"file": "snapshot-01.keras"},
+        r"snapshot entry 2 \(cycle 2\) names the file 'snapshot-01.keras' of entry 1",
+    ),
+    ({"file": None}, r"not a plain file name"),
+    ({"step": "20"}, r"snapshot entry 2 \(cycle 2\) has step '20'; it must be an integer >= 0"),
+    ({"step": -1}, r"has step -1"),
+    ({"iterations": 1.5}, r"has iterations 1.5"),
+]
+
+
+@pytest.mark.parametrize(("changes", "message"), BAD_ENTRIES, ids=[str(c) for c, _ in BAD_ENTRIES])
+def test_reading_and_writing_refuse_wrong_types_and_duplicates(layout, changes, message):
+    manifest = entries_with(**changes)
+    write_raw(layout, manifest)
+    with pytest.raises(ValueError, match=message) as error:
+        manifest_lib.read_manifest(layout)
+    assert str(layout / manifest_lib.MANIFEST_NAME) in str(error.value)
+    (layout / manifest_lib.MANIFEST_NAME).unlink()
+    with pytest.raises(ValueError, match=message):
+        manifest_lib.write_manifest(layout, manifest)
+    assert not (layout / manifest_lib.MANIFEST_NAME).exists()
+
+
+@pytest.mark.parametrize("entry", [None, 3, "snapshot-02.keras", {"cycle": 2, "file": "x.keras"}])
+def test_an_entry_that_is_not_a_full_object_is_named(layout, entry):
+    manifest = manifest_with("snapshot-01.keras")
+    manifest["snapshots"].append(entry)
+    write_raw(layout, manifest)
+    with pytest.raises(ValueError, match=r"snapshot entry 2 (is|has no step)"):
+        manifest_lib.read_manifest(layout)
+
+
+def test_optional_counts_and_a_null_epoch_are_accepted(layout):
+    manifest = entries_with(iterations=5, batches=23, epoch=None)
+    manifest_lib.write_manifest(layout, manifest)
+    assert manifest_lib.read_manifest(layout) == manifest
+
+
+def test_cli_info_reports_a_bad_manifest_as_a_data_error(layout):
+    import subprocess
+    import sys
+
+    write_raw(layout, entries_with(cycle=None))
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_snapshot.cli", "info", str(layout)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("keras-snapshot:")]
+    assert lines and lines[0].startswith("keras-snapshot: error: "), result.stderr
+    assert "snapshot entry 2 has cycle None" in lines[0]
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
