@@ -1,0 +1,1 @@
+"""Greedy ensemble selection with replacement (Caruana et al., ICML 2004)."""
