@@ -363,7 +363,8 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         the average as it was at the restored step, from the last epoch-end state at or before it."""
         model = self.model
         step = int(_to_numpy(model.optimizer.iterations))
-        state = self._load_state() if self._chief else None
+        # Every worker reads the state (all of them put the average into their model); only the chief writes.
+        state = self._load_state()
         self._levels, self._start_rate = [], None
         self._use_level(None)
         if state is None:
@@ -375,6 +376,8 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
                 "(optimizer.iterations == 0). Use a new directory for a new run, or remove "
                 f"{STATE_NAME}."
             )
+        if step == 0:
+            return  # a state without any average (an interrupted SWA phase's first epoch): a new run
         # States after the restored step happened after the backup: the replayed epochs redo them.
         usable = [i for i, level in enumerate(levels) if level["at_step"] <= step]
         if levels and not usable:
@@ -442,6 +445,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         self._chief = _is_chief(self.model)
         self._prepare_directory()
         self._assigner = keras_internals.RateAssigner()
+        self._iterations = keras_internals.IterationsReader()
         self._assigned = None
         self._epoch = None
         self._first_batch = False
@@ -502,11 +506,11 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self.average_every == "epoch" or self._epoch is None or self._epoch < self._start:
             return
-        model = self.model
-        step = int(_to_numpy(model.optimizer.iterations))
+        # optimizer.iterations without the JAX state sync of `self.model` on every batch.
+        step = self._iterations.read(self)
         start_step = self._start * self.params["steps"]
         if step > start_step and (step - start_step) % self.average_every == 0 and step not in self.steps:
-            self._add(model, step, self._epoch)
+            self._add(self.model, step, self._epoch)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.swa_learning_rate is not None and logs is not None:
