@@ -222,6 +222,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         self._epochs = []  # the epoch of each averaging point
         self._start_rate = None  # the rate when the SWA phase began (the annealing's origin)
         self._resumed = False  # the state is rebuilt for this fit
+        self._finished = False  # the average went into the model (the state file says so)
         self._start = None
 
     # ------------------------------------------------------------------ set-up
@@ -324,7 +325,12 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             levels.append({key: value for key, value in level.items() if key != "mean"})
             for i, array in enumerate(level["mean"] or ()):
                 arrays[f"l{index}_w{i}"] = array
-        meta = {"format": STATE_FORMAT, "start_rate": self._start_rate, "levels": levels}
+        meta = {
+            "format": STATE_FORMAT,
+            "start_rate": self._start_rate,
+            "levels": levels,
+            "finished": self._finished,
+        }
 
         def write(temp: str) -> None:
             buffer = io.BytesIO()
@@ -370,6 +376,12 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         if state is None:
             return
         levels = state["levels"]
+        if state.get("finished"):
+            raise ValueError(
+                f"{self._state_path()} holds the average of a finished SWA phase (another run, or an earlier fit "
+                "of this one: the average went into the model at its end). Use a new directory for a new SWA "
+                f"phase, or remove {STATE_NAME}."
+            )
         if step == 0 and any(level["count"] for level in levels):
             raise ValueError(
                 f"{self._state_path()} holds an average of another run, but this model has not trained yet "
@@ -574,6 +586,8 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
                 )
         if self.save_model and self._chief:
             manifest_lib.atomic_write(self.directory / MODEL_NAME, model.save, suffix=".keras")
+        self._finished = True
+        self._save_state()
         if self.verbose:
             print(
                 f"\nSWA: the model now holds the mean of {self.count} points (steps {self.steps}).",
