@@ -285,6 +285,14 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
                 "rate at every epoch begin after the SWA rate is set, so the SWA rate would never apply. Put "
                 "StochasticWeightAveraging after it (the scheduler then owns the rate before the SWA phase)."
             )
+        if epochs and self._start < epochs and self.annealing_epochs > epochs - self._start:
+            warnings.warn(
+                f"annealing_epochs={self.annealing_epochs} is longer than the SWA phase ({epochs - self._start} "
+                f"epochs, from epoch {self._start}): the rate never reaches swa_learning_rate="
+                f"{self.swa_learning_rate}. Pass a smaller annealing_epochs (e.g. a quarter of the phase).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         rate = model.optimizer.learning_rate
         if not isinstance(rate, keras.Variable):
             raise TypeError(

@@ -310,6 +310,10 @@ def test_refusals(data, tmp_path):
         keras.optimizers.SGD(keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.9)),
         "sparse_categorical_crossentropy",
     )
+    with pytest.warns(RuntimeWarning, match="never reaches swa_learning_rate"):
+        model.fit(
+            x, y, epochs=2, verbose=0, callbacks=[StochasticWeightAveraging(1, 0.01, annealing_epochs=2)]
+        )
     with pytest.raises(TypeError, match="float learning rate"):
         scheduled.fit(
             x, y, epochs=1, verbose=0, callbacks=[StochasticWeightAveraging(swa_learning_rate=0.01)]
