@@ -268,7 +268,15 @@ def report(args, records: list[dict], seconds: float) -> None:
             "",
             f"Date: {_common.now()}; this invocation {seconds:.0f} s (records accumulate across invocations).",
             "",
-            _common.machine_markdown(info),
+            f"- machine: {info['cpu']}, nproc={info['nproc']}, {info['platform']}, Python {info['python']}; "
+            "shared with other jobs, so the run times below are not a measure of cost",
+            f"- versions: {', '.join(f'{k} {v}' for k, v in info['versions'].items())}; code: commit "
+            f"{info.get('commit')}",
+            "- runs: "
+            + "; ".join(
+                f"{r['method']} seed {r['seed']} {r['seconds']:.0f} s (load {r['loadavg'][0] if r['loadavg'] else '?'})"
+                for r in records
+            ),
             "",
             f"Protocol (reduced CPU protocol, as benchmarks/results/accuracy.cpu.md): Fashion-MNIST, {args.train_size} "
             f"training images, the validation split for weights/selection, the 10,000 test images reported; CNN "

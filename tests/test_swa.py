@@ -316,7 +316,11 @@ def test_refusals(data, tmp_path):
         )
     with pytest.raises(TypeError, match="float learning rate"):
         scheduled.fit(
-            x, y, epochs=1, verbose=0, callbacks=[StochasticWeightAveraging(swa_learning_rate=0.01)]
+            x,
+            y,
+            epochs=1,
+            verbose=0,
+            callbacks=[StochasticWeightAveraging(swa_learning_rate=0.01, annealing_epochs=0)],
         )
 
     class Meddler(keras.callbacks.Callback):
@@ -324,7 +328,13 @@ def test_refusals(data, tmp_path):
             self.model.optimizer.learning_rate = 0.3
 
     with pytest.raises(RuntimeError, match="learning rate changed during the SWA phase"):
-        model.fit(x, y, epochs=2, verbose=0, callbacks=[StochasticWeightAveraging(0, 0.01), Meddler()])
+        model.fit(
+            x,
+            y,
+            epochs=2,
+            verbose=0,
+            callbacks=[StochasticWeightAveraging(0, 0.01, annealing_epochs=0), Meddler()],
+        )
 
     # A directory holding the average of a finished run, and a fresh model: refused, nothing lost.
     directory = tmp_path / "swa"
