@@ -10,8 +10,11 @@
     keras-snapshot average DIR --bn-data train.npz -o averaged.keras [--validation-data val.npz]
 
 `--help` (and `info`) never import Keras, TensorFlow or numpy: each sub-command imports what it
-needs when it runs. TensorFlow's C++ start-up logging is turned down (TF_CPP_MIN_LOG_LEVEL=2 unless
-set) and its Python logging to errors, so the output holds the command's own lines.
+needs when it runs. TensorFlow's C++ logging is turned down (TF_CPP_MIN_LOG_LEVEL=2 unless set) and
+its Python logging to errors. The lines TensorFlow's native code prints while it loads, before that
+setting takes effect (absl's notice, oneDNN and CPU-instruction notes: which ones depends on the CPU),
+are caught at the file-descriptor level during the import and dropped; anything else printed then is
+replayed on stderr. So on success stderr holds only the command's own lines.
 
 Errors. A failing command ends in one of two ways:
 
@@ -41,11 +44,14 @@ options are also checked up front, before anything is loaded, so most errors are
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import math
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import traceback
 import warnings
 from pathlib import Path
@@ -126,12 +132,56 @@ def _quiet_startup() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _import_keras():
-    """Imports Keras for a sub-command that needs it, with TensorFlow's Python logging turned down."""
+# What TensorFlow's native code prints on stderr while it loads, before absl's logging starts (so
+# TF_CPP_MIN_LOG_LEVEL cannot silence it): absl's notice, then INFO/WARNING lines of the files that
+# report the CPU set-up at import (port.cc: oneDNN on, or TF_ENABLE_ONEDNN_OPTS unreadable;
+# cpu_feature_guard.cc: unused CPU instructions, with its continuation line). Which of them appear
+# depends on the CPU (oneDNN is on by default where AVX-512 VNNI/BF16 or AMX exist).
+_STARTUP_NOISE = re.compile(
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|[IW]\d{4} [\d:.]+ +\d+ (port|cpu_feature_guard)\.cc:\d+\] .*"
+    r"|To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags\."
+)
+
+
+@contextlib.contextmanager
+def _startup_noise_filtered():
+    """Runs the block with file descriptor 2 pointed at a temporary file, then replays on stderr
+    every captured line that is not TensorFlow's known start-up noise, so that a real error printed
+    during an import is never swallowed. Turning oneDNN off instead would change numerics and speed.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines = capture.read().decode(errors="replace").splitlines(keepends=True)
+            kept = [line for line in lines if not _STARTUP_NOISE.fullmatch(line.rstrip("\r\n"))]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+def _import_keras(writes_files: bool = False):
+    """Imports Keras (so TensorFlow on its backend) for a sub-command that needs it, with
+    TensorFlow's native start-up lines filtered and its Python logging turned down.
+
+    `writes_files`: the command saves a `.keras` file or exports, for which Keras imports TensorFlow
+    (when it is installed) on every backend; it is then imported here, inside the filter.
+    """
     import logging
 
-    import keras
+    with _startup_noise_filtered():
+        import keras
 
+        if writes_files and importlib.util.find_spec("tensorflow") is not None:
+            import tensorflow  # noqa: F401
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     if "absl.logging" in sys.modules:
         sys.modules["absl.logging"].set_verbosity("error")
@@ -351,7 +401,7 @@ def _build(args) -> int:
         if args.weights is None:
             raise UserError("--validation-data is used only with --weights fit or --weights greedy.")
         _data_file(args.validation_data, "--validation-data")
-    keras = _import_keras()
+    keras = _import_keras(writes_files=True)
     _check_activation(keras, args.output_activation)
 
     from keras_snapshot.ensemble import build_ensemble
@@ -406,7 +456,7 @@ def _export(args, argv: list[str]) -> int:
             f"Version {args.version} already exists: {str(serving_dir / str(args.version))!r}. Pass another "
             "--version, leave --version out for the next free one, or add --overwrite to replace it."
         )
-    keras = _import_keras()
+    keras = _import_keras(writes_files=True)
 
     from keras_snapshot.export import export_saved_model
     from keras_snapshot.members import load_model
@@ -414,20 +464,19 @@ def _export(args, argv: list[str]) -> int:
     # Loaded here on every backend, so that a file that does not load is reported by this process.
     model = load_model(model_path, safe_mode=not args.unsafe, what="model")
     backend = keras.backend.backend()
-    if backend == "torch" and args.format == "tf_saved_model" and not os.environ.get(_REEXEC_FLAG):
-        import importlib.util
-
-        if importlib.util.find_spec("tensorflow") is not None:
-            # torch cannot write a SavedModel; the .keras file is backend-independent, so the
-            # same command runs again under TensorFlow.
-            print(
-                f"{PROG}: exporting with the TensorFlow backend (torch cannot write {args.format}).",
-                file=sys.stderr,
-            )
-            env = {**os.environ, "KERAS_BACKEND": "tensorflow", _REEXEC_FLAG: "1"}
-            return subprocess.run(
-                [sys.executable, "-m", "keras_snapshot.cli", *argv], env=env, check=False
-            ).returncode
+    tensorflow_installed = importlib.util.find_spec("tensorflow") is not None
+    reexec = not os.environ.get(_REEXEC_FLAG)
+    if backend == "torch" and args.format == "tf_saved_model" and tensorflow_installed and reexec:
+        # torch cannot write a SavedModel; the .keras file is backend-independent, so the
+        # same command runs again under TensorFlow.
+        print(
+            f"{PROG}: exporting with the TensorFlow backend (torch cannot write {args.format}).",
+            file=sys.stderr,
+        )
+        env = {**os.environ, "KERAS_BACKEND": "tensorflow", _REEXEC_FLAG: "1"}
+        return subprocess.run(
+            [sys.executable, "-m", "keras_snapshot.cli", *argv], env=env, check=False
+        ).returncode
     target = export_saved_model(
         model,
         args.serving_dir,
@@ -494,7 +543,7 @@ def _distill(args) -> int:
     _data_file(args.data, "--data")
     if args.validation_data is not None:
         _data_file(args.validation_data, "--validation-data")
-    keras = _import_keras()
+    keras = _import_keras(writes_files=True)
     _check_activation(keras, args.output_activation)
 
     from keras_snapshot.distillation import distill
@@ -534,7 +583,7 @@ def _average(args) -> int:
         _data_file(args.bn_data, "--bn-data")
     if args.validation_data is not None:
         _data_file(args.validation_data, "--validation-data")
-    _import_keras()
+    _import_keras(writes_files=True)
 
     from keras_snapshot.averaging import average_weights
     from keras_snapshot.manifest import atomic_write
