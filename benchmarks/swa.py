@@ -49,6 +49,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--name", default="swa.cpu")
     parser.add_argument("--aggregate-only", action="store_true")
+    parser.add_argument("--note", default="", help="a sentence for the report (e.g. seeds not run, and why)")
     return parser.parse_args(argv)
 
 
@@ -266,6 +267,7 @@ def report(args, records: list[dict], seconds: float) -> None:
             "",
             f"Command: `{command}`",
             "",
+            *([f"**{args.note}**", ""] if args.note else []),
             f"Date: {_common.now()}; this invocation {seconds:.0f} s (records accumulate across invocations).",
             "",
             f"- machine: {info['cpu']}, nproc={info['nproc']}, {info['platform']}, Python {info['python']}; "
