@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from keras_snapshot.export import export_saved_model
     from keras_snapshot.manifest import read_manifest
     from keras_snapshot.schedule import SnapshotSchedule, snapshot_learning_rate, snapshot_steps
+    from keras_snapshot.selection import greedy_selection
+    from keras_snapshot.swa import StochasticWeightAveraging
     from keras_snapshot.weights import fit_ensemble_weights
 
 __version__ = "0.2.0"
@@ -38,11 +40,14 @@ _EXPORTS = {
     "read_manifest": "keras_snapshot.manifest",
     "snapshot_learning_rate": "keras_snapshot.schedule",
     "snapshot_steps": "keras_snapshot.schedule",
+    "StochasticWeightAveraging": "keras_snapshot.swa",
+    "greedy_selection": "keras_snapshot.selection",
 }
 
 __all__ = [
     "SnapshotCallback",
     "SnapshotSchedule",
+    "StochasticWeightAveraging",
     "average_weights",
     "build_ensemble",
     "distill",
@@ -50,6 +55,7 @@ __all__ = [
     "export_saved_model",
     "fit_ensemble_weights",
     "fit_temperature",
+    "greedy_selection",
     "read_manifest",
     "snapshot_learning_rate",
     "snapshot_steps",

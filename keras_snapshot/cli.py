@@ -2,6 +2,7 @@
 
     keras-snapshot info DIR
     keras-snapshot build DIR -o ensemble.keras [--last M] [--output-activation softmax] [--fuse]
+                         [--weights fit|greedy --validation-data val.npz]
     keras-snapshot export ensemble.keras SERVING_DIR [--version N] [--member-outputs] [--overwrite]
     keras-snapshot evaluate DIR --data test.npz [--x NAME ...] [--y NAME] [--last M]
                             [--temperature T|fit --validation-data val.npz] [--bins 15]
@@ -391,6 +392,15 @@ def _info(args) -> int:
 def _build(args) -> int:
     output = _output_file(args.output)
     _snapshot_directory(args.directory, args.last)
+    if args.weights is not None and args.validation_data is None:
+        raise UserError(
+            f"--weights {args.weights} needs --validation-data val.npz (held-out validation data, never the "
+            "test set)."
+        )
+    if args.validation_data is not None:
+        if args.weights is None:
+            raise UserError("--validation-data is used only with --weights fit or --weights greedy.")
+        _data_file(args.validation_data, "--validation-data")
     keras = _import_keras(writes_files=True)
     _check_activation(keras, args.output_activation)
 
@@ -398,17 +408,36 @@ def _build(args) -> int:
     from keras_snapshot.manifest import atomic_write
     from keras_snapshot.members import snapshot_sources
 
+    snapshots, validation = args.directory, None
+    if args.weights is not None:
+        loaded = _load_members(args)
+        validation = _load_data(args.validation_data, "--validation-data", args.x, args.y, loaded)
+        snapshots = [member.model for member in loaded]
     ensemble = build_ensemble(
-        args.directory,
-        last=args.last,
+        snapshots,
+        last=args.last if args.weights is None else None,
         output_activation=args.output_activation,
         safe_mode=not args.unsafe,
         fuse=args.fuse,
+        weights=args.weights,
+        validation_data=validation,
     )
     atomic_write(output, ensemble.save, suffix=".keras")
     members = [name for name, _, _ in snapshot_sources(args.directory, args.last)]
     form = ", fused" if args.fuse else ""
-    print(f"Wrote {output}: the mean of {len(members)} snapshot(s) ({', '.join(members)}{form}).")
+    if args.weights is None:
+        print(f"Wrote {output}: the mean of {len(members)} snapshot(s) ({', '.join(members)}{form}).")
+        return 0
+    kept = sum(weight > 0 for weight in ensemble.ensemble_weights)
+    how = "greedy selection" if args.weights == "greedy" else "weights fitted"
+    print(f"Wrote {output}: {kept} of {len(members)} snapshot(s), {how} on {args.validation_data}{form}.")
+    header = ["snapshot", *(["count"] if args.weights == "greedy" else []), "weight"]
+    counts = getattr(ensemble, "selection_counts", None)
+    rows = [
+        [name, *([str(counts[i])] if counts is not None else []), f"{weight:.4f}"]
+        for i, (name, weight) in enumerate(zip(members, ensemble.ensemble_weights, strict=True))
+    ]
+    print(_table(header, rows))
     return 0
 
 
@@ -698,6 +727,16 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stack the members into one set of wider layers: faster for small batches",
     )
+    build.add_argument(
+        "--weights",
+        choices=["fit", "greedy"],
+        help="member weights from --validation-data: fitted on the simplex, or greedy selection with "
+        "replacement (counts shown; useless snapshots get 0)",
+    )
+    build.add_argument(
+        "--validation-data", metavar="FILE.npz", help="validation inputs and labels for --weights"
+    )
+    data_names(build, "validation label array name (default: y)", "y")
 
     export = command("export", "export a .keras model as a versioned TF Serving directory")
     export.add_argument("model", metavar="MODEL.keras")

@@ -37,6 +37,7 @@ from keras_snapshot.members import (
     predict_taps,
     snapshot_sources,
 )
+from keras_snapshot.selection import DEFAULT_MAX_ROUNDS
 from keras_snapshot.weights import check_validation_data, check_weights, fitted_weights
 
 __all__ = ["build_ensemble"]
@@ -312,14 +313,18 @@ def build_ensemble(
             copied: they are renamed `snapshot_XX` and share their weights with the ensemble).
         last: keep only the last m snapshots (1 <= m <= M); None keeps all.
         weights: None for the plain mean; one non-negative weight per member kept (normalised to
-            sum to 1); or "fit" to fit them on `validation_data` (see `fit_ensemble_weights`).
+            sum to 1); or "fit" to fit them on `validation_data` (see `fit_ensemble_weights`); or
+            "greedy" for greedy selection with replacement on `validation_data` (Caruana et al.,
+            2004; see `greedy_selection`: useless members get weight 0). With "fit" or "greedy"
+            the model's attribute `ensemble_weights` holds the weights (one per member kept by
+            `last`), and with "greedy" `selection_counts` the counts.
             Members of weight 0 are left out of the model, so they cost nothing at inference.
         output_activation: an activation name applied to every member output before averaging
             (e.g. "softmax" for logits), or a dict {output name: activation or None}.
         name: the name of the ensemble model.
         safe_mode: load snapshot files in Keras's safe mode, which refuses Lambda layers holding
             Python code. Pass False only for files you trust.
-        validation_data: (x_val, y_val), used only with `weights="fit"` and/or
+        validation_data: (x_val, y_val), used only with `weights="fit"` or `"greedy"`, and/or
             `temperature="fit"` (both fit on it, the weights first): held-out validation data,
             never the test set.
         fuse: stack the members' weights into one set of wider layers (one convolution with
@@ -392,19 +397,22 @@ def build_ensemble(
     if not isinstance(uncertainty, bool):
         raise TypeError(f"`uncertainty` must be True or False, got {uncertainty!r}.")
     fit = isinstance(weights, str)
-    if fit and weights != "fit":
-        raise ValueError(f"`weights` must be None, a sequence of numbers or 'fit', got {weights!r}.")
+    if fit and weights not in ("fit", "greedy"):
+        raise ValueError(
+            f"`weights` must be None, a sequence of numbers, 'fit' or 'greedy', got {weights!r}."
+        )
+    method = weights if fit else None
     temperature = check_temperature(temperature)
     fit_temperature = temperature == "fit"
-    for wanted, what in ((fit, "weights='fit'"), (fit_temperature, "temperature='fit'")):
+    for wanted, what in ((fit, f"weights={method!r}"), (fit_temperature, "temperature='fit'")):
         if wanted and validation_data is None:
             raise ValueError(
                 f"{what} needs validation_data=(x_val, y_val): held-out validation data, never the test set."
             )
     if not (fit or fit_temperature) and validation_data is not None:
         raise ValueError(
-            "`validation_data` is only used with weights='fit' or temperature='fit'; drop it or pass one "
-            "of these."
+            "`validation_data` is only used with weights='fit' or 'greedy', or temperature='fit'; drop it "
+            "or pass one of these."
         )
     if fit_temperature:
         x_val, y_val = check_validation_data(validation_data)
@@ -441,10 +449,15 @@ def build_ensemble(
     # The branches are built only where they are used: the branch graph, or the weight fit.
     taps = call_members(members, inputs, keys, activations) if fit or not fuse else None
     stacks = None
+    counts = None
     if fit:
         x_val_w, y_val_w = check_validation_data(validation_data)
         stacks = predict_taps(members, inputs, keys, taps, x_val_w)  # each member runs once
-        weights = fitted_weights(stacks, keys, output_struct, y_val_w, None, max_iter=1000)
+        if method == "greedy":
+            counts = fitted_weights(stacks, keys, output_struct, y_val_w, None, DEFAULT_MAX_ROUNDS, "greedy")
+            weights = counts / counts.sum()
+        else:
+            weights = fitted_weights(stacks, keys, output_struct, y_val_w, None, max_iter=1000)
     if weights is None:
         weights = np.full(len(members), 1.0 / len(members))
         equal = True
@@ -486,7 +499,7 @@ def build_ensemble(
         keras.Model(inputs, means[key]).get_layer(key).name = f"{key}{MEAN_SUFFIX}"
         outputs[key] = temperature_head(means[key], float(temperature), kinds[key], key)
     if not uncertainty:
-        return assemble(inputs, keys, output_struct, outputs, name)
+        return _with_counts(assemble(inputs, keys, output_struct, outputs, name), method, weights, counts)
     single = not isinstance(output_struct, (dict, list, tuple))
     kept_weights = [float(weights[i]) for i in kept]
     measures = {}
@@ -498,4 +511,15 @@ def build_ensemble(
         measures[key] = uncertainty_tensors(
             stack, means[key], outputs[key], stack_weights, kinds[key], "" if single else f"{key}_"
         )
-    return keras.Model(inputs, uncertainty_outputs(keys, single, outputs, measures), name=name)
+    model = keras.Model(inputs, uncertainty_outputs(keys, single, outputs, measures), name=name)
+    return _with_counts(model, method, weights, counts)
+
+
+def _with_counts(model: keras.Model, method, weights, counts) -> keras.Model:
+    """Fitted or selected weights, one per member kept by `last`, stay readable on the model:
+    `ensemble_weights`, and `selection_counts` for weights="greedy"."""
+    if method is not None:
+        model.ensemble_weights = [float(w) for w in weights]
+    if counts is not None:
+        model.selection_counts = [int(c) for c in counts]
+    return model

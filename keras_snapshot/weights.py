@@ -10,6 +10,7 @@ import keras
 import numpy as np
 
 from keras_snapshot.members import load_members, member_predictions, snapshot_sources, structures
+from keras_snapshot.selection import DEFAULT_MAX_ROUNDS, greedy_counts
 
 __all__ = ["fit_ensemble_weights"]
 
@@ -203,9 +204,10 @@ def check_validation_data(validation_data) -> tuple:
 
 
 def fitted_weights(
-    stacks: dict[str, np.ndarray], keys, output_struct, y_val, loss, max_iter: int
+    stacks: dict[str, np.ndarray], keys, output_struct, y_val, loss, max_iter: int, method: str = "fit"
 ) -> np.ndarray:
-    """The weights minimising the validation loss, from the members' predictions {key: (M, N, ...)}."""
+    """The weights minimising the validation loss, from the members' predictions {key: (M, N, ...)};
+    with method="greedy", the greedy selection counts (int64, weights = counts / counts.sum())."""
     if isinstance(output_struct, dict):
         if not isinstance(y_val, dict) or set(y_val) != set(keys):
             raise ValueError(
@@ -238,6 +240,10 @@ def fitted_weights(
                 f"{stack.shape[1]}."
             )
         objectives.append(objective(losses[index], stack, y, key))
+    if method == "greedy":
+        return greedy_counts(
+            lambda w: sum(f(w)[0] for f in objectives), len(stacks[keys[0]]), max_rounds=max_iter
+        )
     return fit_simplex(objectives, len(stacks[keys[0]]), max_iter=max_iter, tolerance=1e-9)
 
 
@@ -250,7 +256,8 @@ def fit_ensemble_weights(
     output_activation: str | dict[str, str | None] | None = None,
     safe_mode: bool = True,
     batch_size: int | None = None,
-    max_iter: int = 1000,
+    max_iter: int | None = None,
+    method: str = "fit",
 ) -> np.ndarray:
     """Member weights that minimise the validation loss of the weighted mean, over the simplex.
 
@@ -272,7 +279,13 @@ def fit_ensemble_weights(
         output_activation: as for `build_ensemble`; the weights apply to the activated outputs.
         safe_mode: as for `build_ensemble`.
         batch_size: the batch size of the prediction pass.
-        max_iter: the most optimisation steps.
+        max_iter: the most optimisation steps ("fit", default 1000), or the most selection
+            rounds ("greedy", default 100).
+        method: "fit" (default): the minimum over the simplex. "greedy": greedy ensemble
+            selection with replacement (Caruana et al., 2004; see `greedy_selection`): from the
+            best member, add the member that most lowers the validation loss of the running
+            average until none does; the weights are the selection counts over their sum. It gives
+            useless members weight 0 and, with few validation rows, overfits them less than "fit".
 
     Returns:
         A float64 array of one weight per member kept, >= 0, summing to 1; pass it to
@@ -296,6 +309,10 @@ def fit_ensemble_weights(
     """
     if not isinstance(safe_mode, bool):
         raise TypeError(f"`safe_mode` must be True or False, got {safe_mode!r}.")
+    if method not in ("fit", "greedy"):
+        raise ValueError(f"`method` must be 'fit' or 'greedy', got {method!r}.")
+    if max_iter is None:
+        max_iter = DEFAULT_MAX_ROUNDS if method == "greedy" else 1000
     if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
         raise ValueError(f"`max_iter` must be an integer >= 1, got {max_iter!r}.")
     if batch_size is not None and (
@@ -316,4 +333,5 @@ def fit_ensemble_weights(
     keys, stacks = member_predictions(
         members, x_val, output_activation=output_activation, batch_size=batch_size
     )
-    return fitted_weights(stacks, keys, output_struct, y_val, loss, int(max_iter))
+    weights = fitted_weights(stacks, keys, output_struct, y_val, loss, int(max_iter), method)
+    return weights / weights.sum() if method == "greedy" else weights
