@@ -80,7 +80,7 @@ def _pair(confidence, wrong) -> tuple[np.ndarray, np.ndarray]:
     return confidence, wrong.astype("float64")
 
 
-def _coverage(coverage, what: str = "coverage") -> float:
+def check_coverage(coverage, what: str = "coverage") -> float:
     if isinstance(coverage, bool) or not isinstance(coverage, numbers.Real):
         raise TypeError(f"`{what}` must be a number in (0, 1], got {coverage!r}.")
     coverage = float(coverage)
@@ -117,7 +117,7 @@ def augrc(confidence, wrong) -> float:
 
 def error_at_coverage(confidence, wrong, coverage: float) -> float:
     """The error rate among the ceil(coverage * N) most confident rows (ties averaged over)."""
-    coverage = _coverage(coverage)
+    coverage = check_coverage(coverage)
     errors = _cumulative_errors(confidence, wrong)
     # The 1e-9 keeps 0.8 * 10 = 8.000000000000002 from becoming 9.
     k = min(errors.size, max(1, int(np.ceil(coverage * errors.size - 1e-9))))
@@ -201,7 +201,7 @@ def coverage_threshold(scores, coverage: float) -> tuple[float, float]:
     compares), so float rounding does not move a row across it; keeping every row gives t = the
     largest score + 1.
     """
-    coverage = _coverage(coverage)
+    coverage = check_coverage(coverage)
     values = np.unique(_scores(scores, "scores"))  # sorted, distinct
     total = np.asarray(scores).size
     kept = np.searchsorted(np.sort(np.asarray(scores, dtype="float64").reshape(-1)), values, side="right")

@@ -243,3 +243,62 @@ def test_ood_is_checked_before_any_prediction(tmp_path):
     regressor = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     with pytest.raises(ValueError, match="classifier"):
         evaluate_ensemble([regressor], x, x[:, 0], ood=x)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def ood_table(stdout: str) -> dict[tuple[str, str], dict[str, float]]:
+    """{(model, score): {column: value}} of the table after "Out-of-distribution detection"."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Out-of-distribution detection")) + 1
+    header = lines[start].split()
+    result = {}
+    for cells in (line.split() for line in lines[start + 1 :] if line.strip()):
+        width = len(cells) - len(header) + 1
+        values = dict(zip(header[1:], cells[width:], strict=True))
+        score = values.pop("score")
+        result[(" ".join(cells[:width]), score)] = {k: float(v) for k, v in values.items()}
+    return result
+
+
+def test_cli_evaluate_ood(capsys, digits_run, digits, tmp_path):
+    from keras_snapshot.cli import main
+
+    directory = digits_run[0]
+    x_test, y_test = digits[2][200:], digits[3][200:]
+    np.savez(tmp_path / "test.npz", pixels=x_test, labels=y_test)
+    # Far OOD: the digits' pixels inverted and shuffled across positions.
+    x_ood = np.random.default_rng(0).permutation(1.0 - digits[2][:150], axis=1).astype("float32")
+    np.savez(tmp_path / "ood.npz", pixels=x_ood)
+    argv = [
+        "evaluate",
+        str(directory),
+        "--data",
+        str(tmp_path / "test.npz"),
+        "--x",
+        "pixels",
+        "--y",
+        "labels",
+    ]
+    status = main([*argv, "--ood", str(tmp_path / "ood.npz"), "--temperature", "1.5"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    header = out.splitlines()[1].split()
+    assert {"aurc", "augrc", "error_at_80", "error_at_90", "error_at_95", "aurc_ts"} <= set(header)
+    assert "ood" not in header and "ood_ts" not in header
+    served = ood_table(out)
+    scores = {"max_probability", "entropy", "mutual_information", "disagreement"}
+    assert {score for model, score in served if model == "ensemble of last 3"} == scores
+    assert {score for model, score in served if model == "snapshot_01"} == {"max_probability", "entropy"}
+    rows = evaluate_ensemble(directory, x_test, y_test, ood=x_ood, temperature=1.5)
+    for row in rows:
+        for score, metrics in row["ood"].items():
+            printed = served[(row["model"], score)]
+            for metric, value in metrics.items():
+                assert printed[metric] == pytest.approx(value, abs=1e-4)
+                assert printed[f"{metric}_ts"] == pytest.approx(row["ood_ts"][score][metric], abs=1e-4)
+    # Bad --ood files fail before any snapshot is run, naming the option.
+    assert main([*argv, "--ood", str(tmp_path / "absent.npz")]) == 1
+    assert "(--ood) does not exist" in capsys.readouterr().err
+    np.savez(tmp_path / "wrong.npz", other=x_ood)
+    assert main([*argv, "--ood", str(tmp_path / "wrong.npz")]) == 1
+    assert "has no array 'pixels'" in capsys.readouterr().err
