@@ -317,6 +317,24 @@ def check_targets(y, count: int, what: str) -> np.ndarray:
     return y
 
 
+def _check_ood(ood, x) -> None:
+    """`ood` must hold rows shaped like those of `x` (the same structure and per-row shapes)."""
+
+    def leaves(value):
+        return keras.tree.flatten(value) if isinstance(value, (dict, list, tuple)) else [value]
+
+    if rows_of(ood, "ood") < 1:
+        raise ValueError("`ood` holds no rows: pass out-of-distribution inputs shaped like `x`, or None.")
+    ood_shapes = [np.shape(leaf)[1:] for leaf in leaves(ood)]
+    x_shapes = [np.shape(leaf)[1:] for leaf in leaves(x)]
+    same_keys = not isinstance(x, dict) or (isinstance(ood, dict) and set(ood) == set(x))
+    if not same_keys or ood_shapes != x_shapes:
+        raise ValueError(
+            f"`ood` must be structured like `x`, with rows of the same shape: got rows {ood_shapes}, "
+            f"`x` has {x_shapes}{'' if same_keys else ' (or different input names)'}."
+        )
+
+
 def _check_batch_size(batch_size) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
@@ -460,8 +478,8 @@ def evaluate_ensemble(
         )
     snapshot_sources(snapshots, last)  # a bad `last` fails before any load
     y = check_targets(y, rows_of(x, "x"), "y")
-    if ood is not None and rows_of(ood, "ood") < 1:
-        raise ValueError("`ood` holds no rows: pass out-of-distribution inputs shaped like `x`, or None.")
+    if ood is not None:
+        _check_ood(ood, x)
     if fit:
         x_val, y_val = check_validation_data(validation_data)
         y_val = check_targets(y_val, rows_of(x_val, "validation_data[0]"), "validation_data[1]")

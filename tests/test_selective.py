@@ -240,6 +240,8 @@ def test_ood_is_checked_before_any_prediction(tmp_path):
     x, y = toy_data(8, 0)
     with pytest.raises(ValueError, match="ood"):
         evaluate_ensemble([model], x, y, ood=np.zeros((0, 4), dtype="float32"))
+    with pytest.raises(ValueError, match=r"`ood` must be structured like `x`.*\(3,\)"):
+        evaluate_ensemble([model], x, y, ood=np.zeros((5, 3), dtype="float32"))
     regressor = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     with pytest.raises(ValueError, match="classifier"):
         evaluate_ensemble([regressor], x, x[:, 0], ood=x)
