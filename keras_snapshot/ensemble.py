@@ -49,9 +49,8 @@ REGRESSOR_MEASURES = ("variance",)
 TEMPERATURE_LAYER = "temperature"  # Rescaling(1 / T): T = 1 / model.get_layer("temperature").scale
 MEAN_SUFFIX = "_mean"  # with a temperature, the mean before scaling is the layer "<output>_mean"
 ABSTAIN_KEY = "abstain"  # the output of build_ensemble(..., abstain_coverage=c)
-ABSTAIN_LAYER = (
-    "abstain_threshold"  # Rescaling(1, offset=-t): t = -model.get_layer("abstain_threshold").offset
-)
+# Rescaling(1, offset=-t) of the abstain score: t = -model.get_layer("abstain_threshold").offset
+ABSTAIN_LAYER = "abstain_threshold"
 ABSTAIN_SCORES = ("max_probability", *CLASSIFIER_MEASURES)
 
 
