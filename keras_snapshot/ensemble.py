@@ -461,8 +461,8 @@ def build_ensemble(
             )
     if not (fit or fit_temperature or abstain) and validation_data is not None:
         raise ValueError(
-            "`validation_data` is only used with weights='fit', temperature='fit' or abstain_coverage; drop "
-            "it or pass one of these."
+            "`validation_data` is only used with weights='fit' or temperature='fit' (or abstain_coverage); "
+            "drop it or pass one of these."
         )
     if abstain:
         x_abstain, _ = check_validation_data(validation_data)
