@@ -18,7 +18,7 @@ mutual_information and disagreement of the members (ensemble only). The max-prob
 `keras_snapshot.evaluation.evaluate_ensemble` (its `aurc_ts` and `ood_ts`); the other scores' selective
 metrics from the same predictions in numpy.
 
-One command (2 CPU cores, about 5 minutes):
+One command (about 10 minutes on 2 shared CPU cores):
 
     KERAS_BACKEND=tensorflow python benchmarks/uncertainty.py
 
