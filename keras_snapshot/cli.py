@@ -5,7 +5,7 @@
                          [--weights fit|greedy --validation-data val.npz]
     keras-snapshot export ensemble.keras SERVING_DIR [--version N] [--member-outputs] [--overwrite]
     keras-snapshot evaluate DIR --data test.npz [--x NAME ...] [--y NAME] [--last M]
-                            [--temperature T|fit --validation-data val.npz] [--bins 15]
+                            [--temperature T|fit --validation-data val.npz] [--ood ood.npz] [--bins 15]
     keras-snapshot distill DIR --data train.npz -o student.keras [--y NAME] [--epochs N] ...
     keras-snapshot average DIR --bn-data train.npz -o averaged.keras [--validation-data val.npz]
 
@@ -501,6 +501,8 @@ def _evaluate(args) -> int:
         if args.temperature != "fit":
             raise UserError("--validation-data is used only with --temperature fit.")
         _data_file(args.validation_data, "--validation-data")
+    if args.ood is not None:
+        _data_file(args.ood, "--ood")
     keras = _import_keras()
     _check_activation(keras, args.output_activation)
 
@@ -511,6 +513,7 @@ def _evaluate(args) -> int:
     validation = None
     if args.validation_data is not None:
         validation = _load_data(args.validation_data, "--validation-data", args.x, args.y, members)
+    ood = None if args.ood is None else _load_data(args.ood, "--ood", args.x, None, members)[0]
     rows = evaluate_ensemble(
         [member.model for member in members],
         x,
@@ -520,11 +523,12 @@ def _evaluate(args) -> int:
         batch_size=args.batch_size,
         output_activation=args.output_activation,
         bins=args.bins,
+        ood=ood,
     )
     columns = []
     for row in rows:
         for key in row:
-            if key not in ("model", "m") and key not in columns:
+            if key not in ("model", "m", "ood", "ood_ts") and key not in columns:
                 columns.append(key)
     if "temperature" in columns:  # after the metrics it scales
         columns.append(columns.pop(columns.index("temperature")))
@@ -534,7 +538,30 @@ def _evaluate(args) -> int:
     examples = len(y)
     print(f"{args.data}: {examples} examples, {len(members)} snapshots from {args.directory}")
     print(_table(["model", *columns], table))
+    if ood is not None:
+        _print_ood(args.ood, rows, members)
     return 0
+
+
+def _print_ood(path: str, rows: list[dict], members) -> None:
+    """One line per model and uncertainty score: OOD AUROC, AUPR and FPR95 (and after scaling)."""
+    metrics = ("auroc", "aupr", "fpr95")
+    scaled = "ood_ts" in rows[0]
+    header = ["model", "score", *metrics, *(f"{metric}_ts" for metric in metrics if scaled)]
+    table = []
+    for row in rows:
+        for score, values in row["ood"].items():
+            after = [row["ood_ts"][score][metric] for metric in metrics] if scaled else []
+            table.append(
+                [
+                    _member_name(row["model"], members),
+                    score,
+                    *(_metric(values[metric]) for metric in metrics),
+                    *(_metric(value) for value in after),
+                ]
+            )
+    print(f"\nOut-of-distribution detection ({path} positive; scores: higher = more likely OOD):")
+    print(_table(header, table))
 
 
 def _distill(args) -> int:
@@ -768,6 +795,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--validation-data", metavar="FILE.npz", help="validation arrays (same names) for --temperature fit"
+    )
+    evaluate.add_argument(
+        "--ood",
+        metavar="FILE.npz",
+        help="out-of-distribution inputs (the same --x names; no targets): also print OOD AUROC, AUPR "
+        "and FPR95 of each uncertainty score",
     )
     evaluate.add_argument(
         "--bins", type=_positive_int, default=15, metavar="N", help="ECE bins (default: 15)"

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from keras_snapshot import calibration, fusion, keras_internals
+from keras_snapshot import calibration, fusion, keras_internals, selective
 from keras_snapshot.evaluation import EPSILON, check_targets, check_temperature, labels, rows_of
 from keras_snapshot.members import (
     MEMBER_PREFIX,
@@ -49,6 +49,10 @@ CLASSIFIER_MEASURES = ("entropy", "mutual_information", "disagreement")
 REGRESSOR_MEASURES = ("variance",)
 TEMPERATURE_LAYER = "temperature"  # Rescaling(1 / T): T = 1 / model.get_layer("temperature").scale
 MEAN_SUFFIX = "_mean"  # with a temperature, the mean before scaling is the layer "<output>_mean"
+ABSTAIN_KEY = "abstain"  # the output of build_ensemble(..., abstain_coverage=c)
+# Rescaling(1, offset=-t) of the abstain score: t = -model.get_layer("abstain_threshold").offset
+ABSTAIN_LAYER = "abstain_threshold"
+ABSTAIN_SCORES = ("max_probability", *CLASSIFIER_MEASURES)
 
 
 def mean_tensors(keys, taps, weights) -> dict:
@@ -211,6 +215,32 @@ def uncertainty_tensors(stack, mean, predictions, weights, kind: str, prefix: st
     }
 
 
+def abstain_head(inputs, predictions, measures: dict, kind: str, score: str, coverage: float, x_val):
+    """1.0 where `score` exceeds the threshold that keeps a fraction `coverage` of `x_val`, else 0.0.
+
+    The threshold is fitted on the very tensor the graph serves (after temperature scaling, fused
+    or not), predicted on the validation inputs; it is stored as the offset of a `Rescaling`
+    layer, so the decision is built-in layers and ops only.
+    """
+    if score == "max_probability":
+        p = keras.ops.cast(predictions, "float32")
+        tensor = 1.0 - keras.ops.max(_two_classes(p) if kind == "binary" else p, axis=-1)
+    else:
+        tensor = measures[score]
+    values = np.asarray(keras.Model(inputs, tensor).predict(x_val, verbose=0)).reshape(-1)
+    threshold, kept = selective.coverage_threshold(values, coverage)
+    if abs(kept - coverage) > 1.0 / values.size:
+        warnings.warn(
+            f"abstain_score={score!r} takes few distinct values on the validation inputs: the nearest "
+            f"threshold keeps {100 * kept:.1f} % of them, not {100 * coverage:.1f} %. Use a continuous score "
+            "('entropy' or 'max_probability') for a precise coverage.",
+            UserWarning,
+            stacklevel=3,
+        )
+    shifted = keras.layers.Rescaling(1.0, offset=-threshold, name=ABSTAIN_LAYER)(tensor)
+    return keras.ops.cast(keras.ops.greater(shifted, 0.0), "float32")
+
+
 def uncertainty_outputs(keys, single: bool, outputs: dict, measures: dict) -> dict:
     """The dict outputs of a model with uncertainty: "predictions" and the measures for a single
     (plain tensor) output, else the output names and "<output>_<measure>"."""
@@ -295,6 +325,8 @@ def build_ensemble(
     fuse: bool = False,
     temperature: float | str | None = None,
     uncertainty: bool = False,
+    abstain_coverage: float | None = None,
+    abstain_score: str = "entropy",
 ) -> keras.Model:
     """One functional Keras model whose outputs are the (weighted) mean of the snapshots' outputs.
 
@@ -324,9 +356,10 @@ def build_ensemble(
         name: the name of the ensemble model.
         safe_mode: load snapshot files in Keras's safe mode, which refuses Lambda layers holding
             Python code. Pass False only for files you trust.
-        validation_data: (x_val, y_val), used only with `weights="fit"` or `"greedy"`, and/or
-            `temperature="fit"` (both fit on it, the weights first): held-out validation data,
-            never the test set.
+        validation_data: (x_val, y_val), used only with `weights="fit"` or `"greedy"`,
+            `temperature="fit"` and/or `abstain_coverage` (all fit on it: the weights first, then
+            T, then the abstain threshold; the threshold needs only x_val): held-out validation
+            data, never the test set.
         fuse: stack the members' weights into one set of wider layers (one convolution with
             M x F filters, one `EinsumDense` holding the M dense kernels, ...) instead of M
             branches. The graph then has about as many ops as one member: for small batches (online
@@ -359,6 +392,21 @@ def build_ensemble(
             softmax or one sigmoid unit (its last layer, or `output_activation`); several sigmoid
             units (multi-label) count as values. Works with `fuse=True` (the fused graph computes
             the members' outputs stacked). `export_saved_model` serves the same keys.
+        abstain_coverage: a fraction c in (0, 1]: add the output "abstain", (batch,) float32,
+            1.0 where `abstain_score` exceeds a threshold t fitted on `validation_data`'s inputs
+            so that a fraction c of them is kept (score <= t), else 0.0. The model then has dict
+            outputs: "predictions", "abstain" (and the uncertainty outputs with
+            `uncertainty=True`). t is computed from the served graph itself, so it holds after
+            temperature scaling (with temperature="fit", T is fitted first and the scores are
+            the calibrated ones) and with fuse=True (the fused graph's own scores); it is stored
+            as the offset of the `Rescaling` layer "abstain_threshold" (t = -offset), so the
+            model saves, reloads and exports (`serving_default` serves "abstain") without this
+            package. Needs a single-output classifier. With tied scores (disagreement takes M + 1
+            values) the kept fraction is the nearest one achievable, with a warning when it is
+            more than 1/N away.
+        abstain_score: the uncertainty the decision thresholds: "entropy" (default; of the
+            served, calibrated predictions), "max_probability" (1 - the max probability),
+            "mutual_information" or "disagreement" (of the members, as with `uncertainty`).
 
     Returns:
         The ensemble, a functional `keras.Model` (not compiled).
@@ -396,6 +444,16 @@ def build_ensemble(
         raise TypeError(f"`fuse` must be True or False, got {fuse!r}.")
     if not isinstance(uncertainty, bool):
         raise TypeError(f"`uncertainty` must be True or False, got {uncertainty!r}.")
+    abstain = abstain_coverage is not None
+    if abstain:
+        abstain_coverage = selective.check_coverage(abstain_coverage, "abstain_coverage")
+    if abstain_score not in ABSTAIN_SCORES:
+        raise ValueError(f"`abstain_score` must be one of {ABSTAIN_SCORES}, got {abstain_score!r}.")
+    if abstain and validation_data is None:
+        raise ValueError(
+            "abstain_coverage needs validation_data=(x_val, y_val) to fit its threshold on: held-out "
+            "validation data, never the test set."
+        )
     fit = isinstance(weights, str)
     if fit and weights not in ("fit", "greedy"):
         raise ValueError(
@@ -409,11 +467,14 @@ def build_ensemble(
             raise ValueError(
                 f"{what} needs validation_data=(x_val, y_val): held-out validation data, never the test set."
             )
-    if not (fit or fit_temperature) and validation_data is not None:
+    if not (fit or fit_temperature or abstain) and validation_data is not None:
         raise ValueError(
-            "`validation_data` is only used with weights='fit' or 'greedy', or temperature='fit'; drop it "
-            "or pass one of these."
+            "`validation_data` is only used with weights='fit' or 'greedy', temperature='fit' or "
+            "abstain_coverage; drop it or pass one of these."
         )
+    if abstain:
+        x_abstain, _ = check_validation_data(validation_data)
+        rows_of(x_abstain, "validation_data[0]")
     if fit_temperature:
         x_val, y_val = check_validation_data(validation_data)
         y_val = check_targets(y_val, rows_of(x_val, "validation_data[0]"), "validation_data[1]")
@@ -433,9 +494,15 @@ def build_ensemble(
             key: output_kind(members[0].model, key, activations[key], position)
             for position, key in enumerate(keys)
         }
-        if temperature is not None or uncertainty
+        if temperature is not None or uncertainty or abstain
         else {}
     )
+    if abstain and (len(keys) != 1 or kinds[keys[0]] == "values"):
+        raise ValueError(
+            "abstain_coverage needs a single-output classifier (an output ending in softmax or one sigmoid "
+            f"unit, or output_activation='softmax' for logits); these members have outputs "
+            f"{ {key: kinds[key] for key in keys} } (kind 'values' = not probabilities)."
+        )
     if temperature is not None:
         if len(keys) != 1 or kinds[keys[0]] == "values":
             raise ValueError(
@@ -465,8 +532,9 @@ def build_ensemble(
         equal = False
     kept = [i for i, weight in enumerate(weights) if weight > 0]
     member_stacks = {}
+    stacked = uncertainty or abstain  # the measures need the members stacked
     if not fuse:
-        means, member_stacks = _branches(members, kept, keys, taps, None if equal else weights, uncertainty)
+        means, member_stacks = _branches(members, kept, keys, taps, None if equal else weights, stacked)
     else:
         try:
             means = fusion.fuse_members(
@@ -476,16 +544,14 @@ def build_ensemble(
                 keys,
                 [float(weights[i]) for i in kept],
                 activations,
-                member_stacks=member_stacks if uncertainty else None,
+                member_stacks=member_stacks if stacked else None,
             )
         except fusion.FusionUnavailable as error:  # Keras changed what fusion reads: same outputs, branches
             warnings.warn(
                 f"fuse=True: {error}; building the branch graph instead.", RuntimeWarning, stacklevel=2
             )
             taps = taps or call_members(members, inputs, keys, activations)
-            means, member_stacks = _branches(
-                members, kept, keys, taps, None if equal else weights, uncertainty
-            )
+            means, member_stacks = _branches(members, kept, keys, taps, None if equal else weights, stacked)
     outputs = dict(means)
     if temperature is not None:
         key = keys[0]
@@ -498,7 +564,7 @@ def build_ensemble(
         # The scaled output takes the output's name; the mean before scaling becomes "<key>_mean".
         keras.Model(inputs, means[key]).get_layer(key).name = f"{key}{MEAN_SUFFIX}"
         outputs[key] = temperature_head(means[key], float(temperature), kinds[key], key)
-    if not uncertainty:
+    if not stacked:
         return _with_counts(assemble(inputs, keys, output_struct, outputs, name), method, weights, counts)
     single = not isinstance(output_struct, (dict, list, tuple))
     kept_weights = [float(weights[i]) for i in kept]
@@ -511,8 +577,13 @@ def build_ensemble(
         measures[key] = uncertainty_tensors(
             stack, means[key], outputs[key], stack_weights, kinds[key], "" if single else f"{key}_"
         )
-    model = keras.Model(inputs, uncertainty_outputs(keys, single, outputs, measures), name=name)
-    return _with_counts(model, method, weights, counts)
+    named = uncertainty_outputs(keys, single, outputs, measures if uncertainty else {})
+    if abstain:
+        key = keys[0]
+        named[ABSTAIN_KEY if single else f"{key}_{ABSTAIN_KEY}"] = abstain_head(
+            inputs, outputs[key], measures[key], kinds[key], abstain_score, abstain_coverage, x_abstain
+        )
+    return _with_counts(keras.Model(inputs, named, name=name), method, weights, counts)
 
 
 def _with_counts(model: keras.Model, method, weights, counts) -> keras.Model:

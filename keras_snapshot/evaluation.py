@@ -248,8 +248,26 @@ def variance(stack, *, weights=None) -> np.ndarray:
 
 
 def classifier_metrics(p, y, bins: int) -> dict[str, float]:
-    """{"error", "nll", "brier", "ece"} of probabilities `p` against labels `y` (already checked)."""
-    return {"error": error(p, y), "nll": nll(p, y), "brier": brier(p, y), "ece": ece(p, y, bins)}
+    """{"error", "nll", "brier", "ece"} of probabilities `p` against labels `y` (already checked),
+    and the selective prediction metrics on the max probability ("aurc", "augrc", "error_at_80",
+    "error_at_90", "error_at_95"; see `keras_snapshot.selective`)."""
+    from keras_snapshot.selective import selective_metrics
+
+    metrics = {"error": error(p, y), "nll": nll(p, y), "brier": brier(p, y), "ece": ece(p, y, bins)}
+    p, y = _classified(p, y)
+    metrics.update(selective_metrics(np.max(p, axis=1), np.argmax(p, axis=1) != y))
+    return metrics
+
+
+def ood_scores(p, stack=None) -> dict[str, np.ndarray]:
+    """{score: (N,) uncertainty, higher = more likely out of distribution}: "max_probability"
+    (1 - the max probability of `p`), "entropy" (of `p`), and with the members' `stack` (2+
+    members) "mutual_information" and "disagreement" of the stack."""
+    scores = {"max_probability": 1.0 - np.max(probabilities(p), axis=1), "entropy": entropy(p)}
+    if stack is not None and len(stack) >= 2:
+        scores["mutual_information"] = mutual_information(stack)
+        scores["disagreement"] = disagreement(stack)
+    return scores
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -299,6 +317,24 @@ def check_targets(y, count: int, what: str) -> np.ndarray:
     return y
 
 
+def _check_ood(ood, x) -> None:
+    """`ood` must hold rows shaped like those of `x` (the same structure and per-row shapes)."""
+
+    def leaves(value):
+        return keras.tree.flatten(value) if isinstance(value, (dict, list, tuple)) else [value]
+
+    if rows_of(ood, "ood") < 1:
+        raise ValueError("`ood` holds no rows: pass out-of-distribution inputs shaped like `x`, or None.")
+    ood_shapes = [np.shape(leaf)[1:] for leaf in leaves(ood)]
+    x_shapes = [np.shape(leaf)[1:] for leaf in leaves(x)]
+    same_keys = not isinstance(x, dict) or (isinstance(ood, dict) and set(ood) == set(x))
+    if not same_keys or ood_shapes != x_shapes:
+        raise ValueError(
+            f"`ood` must be structured like `x`, with rows of the same shape: got rows {ood_shapes}, "
+            f"`x` has {x_shapes}{'' if same_keys else ' (or different input names)'}."
+        )
+
+
 def _check_batch_size(batch_size) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
@@ -342,6 +378,7 @@ def evaluate_ensemble(
     output_activation: str | None = None,
     bins: int = 15,
     safe_mode: bool = True,
+    ood=None,
 ) -> list[dict]:
     """Accuracy and calibration of every snapshot and of every ensemble of the last m snapshots.
 
@@ -353,11 +390,21 @@ def evaluate_ensemble(
     `{"model": "ensemble of last m", "m": m, ...}` (the plain mean, as in the paper). Keys:
 
     - classifiers: "error" (top-1), "nll" (natural log), "brier" (summed over classes), "ece"
-      (`bins` equal-width bins on the top-1 confidence); see `keras_snapshot.evaluation`;
+      (`bins` equal-width bins on the top-1 confidence); see `keras_snapshot.evaluation`; and
+      selective prediction with the max probability as confidence: "aurc", "augrc" and the error
+      among the 80 / 90 / 95 % most confident rows, "error_at_80", "error_at_90", "error_at_95"
+      (ties in confidence averaged over; see `keras_snapshot.selective`);
     - regressors: "mse".
 
+    With `ood` (classifiers), every row also has "ood": {score: {"auroc", "aupr", "fpr95"}},
+    OOD rows positive, for the scores "max_probability" (1 - max probability), "entropy" and,
+    for ensembles of 2+ members, "mutual_information" and "disagreement" (see
+    `keras_snapshot.selective`).
+
     With `temperature`, every row also has "temperature" and the same metrics after temperature
-    scaling, softmax(log(p) / T): "error_ts", "nll_ts", "brier_ts", "ece_ts". A float applies one T
+    scaling, softmax(log(p) / T): "error_ts", "nll_ts", "brier_ts", "ece_ts", "aurc_ts", ... and,
+    with `ood`, "ood_ts" (max probability and entropy after scaling; the members' mutual
+    information and disagreement as they are, as `build_ensemble` serves them). A float applies one T
     to every row; "fit" fits one T per row (each member and each ensemble its own, as a user
     calibrating that model would) on `validation_data`, never on the test set. Compare methods by
     their temperature-scaled NLL (Ashukha et al., ICLR 2020): raw NLL and ECE mislead.
@@ -379,6 +426,8 @@ def evaluate_ensemble(
         output_activation: e.g. "softmax" when the members output logits.
         bins: the number of ECE bins.
         safe_mode: as for `build_ensemble`.
+        ood: out-of-distribution inputs (structured like `x`) for the OOD detection metrics;
+            their labels are not needed.
 
     Returns:
         A list of dicts, member rows first, then ensemble rows (m = 1..M).
@@ -429,6 +478,8 @@ def evaluate_ensemble(
         )
     snapshot_sources(snapshots, last)  # a bad `last` fails before any load
     y = check_targets(y, rows_of(x, "x"), "y")
+    if ood is not None:
+        _check_ood(ood, x)
     if fit:
         x_val, y_val = check_validation_data(validation_data)
         y_val = check_targets(y_val, rows_of(x_val, "validation_data[0]"), "validation_data[1]")
@@ -453,11 +504,12 @@ def evaluate_ensemble(
         labels(y, len(y), max(classes, 2))
         if fit:
             labels(y_val, len(y_val), max(classes, 2), "validation_data[1]")
-    elif temperature is not None:
+    elif temperature is not None or ood is not None:
         raise ValueError(
-            "Temperature scaling applies to classifiers (probabilities); the members' output looks like a "
-            "regression output (no softmax, no single sigmoid unit, targets that are not class labels). "
-            "Drop `temperature`, or pass output_activation='softmax' for logits."
+            f"{'Temperature scaling' if ood is None else 'OOD detection (`ood`)'} applies to classifiers "
+            "(probabilities); the members' output looks like a regression output (no softmax, no single "
+            "sigmoid unit, targets that are not class labels). Drop it, or pass output_activation='softmax' "
+            "for logits."
         )
 
     stack = predict_taps(members, inputs, keys, taps, x, batch_size)[key]
@@ -470,6 +522,9 @@ def evaluate_ensemble(
         (f"ensemble of last {m}", m, stack[len(members) - m :].mean(axis=0))
         for m in range(1, len(members) + 1)
     ]
+    if ood is not None:
+        ood_stack = predict_taps(members, inputs, keys, taps, ood, batch_size)[key]
+        check_probabilities(ood_stack, "softmax" if classes > 1 else "sigmoid")
     if fit:
         val_stack = predict_taps(members, inputs, keys, taps, x_val, batch_size)[key]
         check_probabilities(val_stack, "softmax" if classes > 1 else "sigmoid")
@@ -488,5 +543,25 @@ def evaluate_ensemble(
                 row["temperature"] = float(t)
                 scaled = classifier_metrics(temperature_scale(p, t), y, bins)
                 row.update({f"{metric}_ts": value for metric, value in scaled.items()})
+            if ood is not None:
+                _add_ood(row, index, len(members), stack, ood_stack, row.get("temperature"))
         rows.append(row)
     return rows
+
+
+def _add_ood(row: dict, index: int, count: int, stack, ood_stack, temperature) -> None:
+    """row["ood"] (and row["ood_ts"] with a temperature): the OOD metrics of candidate `index`
+    (members first, then the ensembles of the last m = 1..count)."""
+    from keras_snapshot.calibration import temperature_scale
+    from keras_snapshot.selective import ood_metrics
+
+    members = slice(index, index + 1) if index < count else slice(2 * count - index - 1, count)
+    inside, outside = stack[members], ood_stack[members]
+    p_in, p_out = inside.mean(axis=0), outside.mean(axis=0)
+    scores_in, scores_out = ood_scores(p_in, inside), ood_scores(p_out, outside)
+    row["ood"] = {score: ood_metrics(scores_in[score], scores_out[score]) for score in scores_in}
+    if temperature is not None:
+        # Calibrated max probability and entropy; the members' disagreement as they are.
+        scores_in.update(ood_scores(temperature_scale(p_in, temperature)))
+        scores_out.update(ood_scores(temperature_scale(p_out, temperature)))
+        row["ood_ts"] = {score: ood_metrics(scores_in[score], scores_out[score]) for score in scores_in}

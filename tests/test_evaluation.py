@@ -213,6 +213,9 @@ def test_evaluate_ensemble_rows_match_numpy(digits_run, digits, monkeypatch):
         assert set(row) == {
             "model", "m", "error", "nll", "brier", "ece",
             "temperature", "error_ts", "nll_ts", "brier_ts", "ece_ts",
+            # selective prediction (issue 19; checked in tests/test_selective.py)
+            "aurc", "augrc", "error_at_80", "error_at_90", "error_at_95",
+            "aurc_ts", "augrc_ts", "error_at_80_ts", "error_at_90_ts", "error_at_95_ts",
         }  # fmt: skip
         assert row["error"] == pytest.approx(ref_error(p, y), abs=1e-9)
         assert row["nll"] == pytest.approx(ref_nll(p, y), abs=1e-5)
