@@ -20,6 +20,8 @@ see shared tensors run once, unstacked.
 
 from __future__ import annotations
 
+import inspect
+
 import keras
 import numpy as np
 
@@ -210,8 +212,9 @@ def _peers(models) -> dict[int, list]:
 
 # ------------------------------------------------------------------------------------- the builder
 class _Fuser:
-    def __init__(self, models, labels, taken):
+    def __init__(self, models, labels, taken, safe_mode: bool = True):
         self.models = models
+        self.safe_mode = safe_mode
         self.count = len(models)
         reference = _signature(models[0])
         for model, label in zip(models[1:], labels[1:], strict=True):
@@ -280,6 +283,9 @@ class _Fuser:
         config = op.get_config()
         config.update(changes)
         config["name"] = self.name(changes.get("name", op.name))
+        # Layers that run code (Lambda) take the caller's safe_mode, as loading the files did.
+        if "safe_mode" in inspect.signature(type(op).from_config).parameters:
+            return type(op).from_config(config, safe_mode=self.safe_mode)
         return type(op).from_config(config)
 
     def activate(self, t: _T, activation, base: str) -> _T:
@@ -526,7 +532,9 @@ class _Fuser:
         return _T(x, STACKED)
 
 
-def fuse_members(models, labels, inputs, keys, weights, activations, member_stacks=None) -> dict:
+def fuse_members(
+    models, labels, inputs, keys, weights, activations, member_stacks=None, safe_mode: bool = True
+) -> dict:
     """{output key: the weighted mean of `models`' outputs}, computed with stacked layers.
 
     `inputs` are the ensemble's fresh `keras.Input`s (the members' structure), `keys` the
@@ -534,12 +542,14 @@ def fuse_members(models, labels, inputs, keys, weights, activations, member_stac
     {key: activation name or None} applied to each member output before averaging.
     `member_stacks`, if a dict, receives {key: the members' activated outputs, (B, M, ...)}
     (for uncertainty outputs); keys whose output every member computes alike are left out.
+    `safe_mode` is the caller's (build_ensemble's): layers re-created from their config (a Lambda
+    shared by every member) are deserialized under it, as the members' files were.
     """
     reason = keras_internals.fusion_supported()
     if reason is not None:
         raise FusionUnavailable(_unavailable(reason))
     try:
-        return _fuse(models, labels, inputs, keys, weights, activations, member_stacks)
+        return _fuse(models, labels, inputs, keys, weights, activations, member_stacks, safe_mode)
     except keras_internals.KerasInternalsError as error:
         raise FusionUnavailable(_unavailable(str(error))) from error
 
@@ -551,9 +561,11 @@ def _unavailable(reason: str) -> str:
     )
 
 
-def _fuse(models, labels, inputs, keys, weights, activations, member_stacks=None) -> dict:
+def _fuse(models, labels, inputs, keys, weights, activations, member_stacks=None, safe_mode=True) -> dict:
     # The combined outputs carry the members' output names, so no other layer may take them.
-    fuser = _Fuser(models, labels, taken=[x.name for x in keras.tree.flatten(inputs)] + keys)
+    fuser = _Fuser(
+        models, labels, taken=[x.name for x in keras.tree.flatten(inputs)] + keys, safe_mode=safe_mode
+    )
     flat_inputs = [_T(x, SHARED) for x in keras.tree.flatten(inputs)]
     outputs = fuser.run(models[0], flat_inputs)
     if isinstance(outputs, dict):

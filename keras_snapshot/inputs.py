@@ -26,6 +26,7 @@ this module sits below every other one: it imports nothing from keras_snapshot.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Sequence
 
@@ -207,6 +208,62 @@ def validation_pair(validation_data, what: str = "validation_data") -> tuple:
     return x_val, y_val
 
 
+def check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
+    return int(batch_size)
+
+
+def check_temperature(temperature):
+    """None, a finite float > 0, or "fit"."""
+    if temperature is None or (isinstance(temperature, str) and temperature == "fit"):
+        return temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"`temperature` must be None, a number > 0 or 'fit', got {temperature!r}.")
+    value = float(temperature)
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"`temperature` must be finite and > 0 (1.0 changes nothing), got {temperature!r}.")
+    return value
+
+
+def compatible(shape, expected) -> bool:
+    return len(shape) == len(expected) and all(
+        e is None or s == e for s, e in zip(shape, expected, strict=True)
+    )
+
+
+def check_inputs(arrays, model: keras.Model, label: str, name: str) -> None:
+    """`arrays` fit the model's inputs: one array, a list in order or a dict by input name."""
+    items = input_items(model, label)
+    names = [key for key, _ in items]
+    if isinstance(arrays, dict):
+        if set(arrays) != set(names):
+            raise ValueError(
+                f"`{name}` has keys {sorted(arrays)}, but {label} has inputs {names}: pass a dict with "
+                "exactly the input names."
+            )
+        given = [arrays[key] for key in names]
+    elif isinstance(arrays, list):
+        if len(arrays) != len(names):
+            raise ValueError(
+                f"`{name}` holds {len(arrays)} arrays, but {label} has {len(names)} inputs {names}."
+            )
+        given = arrays
+    else:
+        if len(names) != 1:
+            raise ValueError(
+                f"`{name}` is one array, but {label} has {len(names)} inputs {names}: pass a list or a dict."
+            )
+        given = [arrays]
+    for key, array, (_, tensor) in zip(names, given, items, strict=True):
+        expected = tuple(tensor.shape)[1:]
+        if not compatible(array.shape[1:], expected):
+            raise ValueError(
+                f"`{name}` for input {key!r} has rows of shape {array.shape[1:]}, but {label} expects "
+                f"{expected}."
+            )
+
+
 # ---------------------------------------------------------------------------------------- labels
 def _integral(y: np.ndarray) -> bool:
     if np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_):
@@ -308,6 +365,40 @@ def distributions(y, count: int, classes: int, what: str = "y") -> tuple[np.ndar
 
 
 # ---------------------------------------------------------------------------------------- member outputs
+def probabilities(p, what: str = "p") -> np.ndarray:
+    """(N, C) float64 class probabilities; one sigmoid unit, (N,) or (N, 1), becomes [1 - p, p].
+    NaN and inf are refused."""
+    p = np.asarray(p, dtype="float64")
+    if p.ndim == 1:
+        p = p[:, None]
+    if p.ndim != 2 or p.shape[1] < 1:
+        raise ValueError(
+            f"`{what}` must be probabilities of shape (N, C), or (N,) / (N, 1) for one sigmoid unit; "
+            f"got shape {p.shape}."
+        )
+    check_finite(p, what)
+    if p.shape[1] == 1:
+        p = np.concatenate([1.0 - p, p], axis=1)
+    return p
+
+
+def member_probabilities(stack, what: str = "stack") -> np.ndarray:
+    """(M, N, C) float64 member probabilities; (M, N) or (M, N, 1) sigmoid units become two classes.
+    NaN and inf are refused."""
+    stack = np.asarray(stack, dtype="float64")
+    if stack.ndim == 2:
+        stack = stack[..., None]
+    if stack.ndim != 3 or stack.shape[0] < 1:
+        raise ValueError(
+            f"`{what}` must hold the members' probabilities, shape (M, N, C) (or (M, N, 1) for one "
+            f"sigmoid unit); got shape {stack.shape}."
+        )
+    check_outputs_finite(stack, None, f"`{what}`")
+    if stack.shape[2] == 1:
+        stack = np.concatenate([1.0 - stack, stack], axis=2)
+    return stack
+
+
 def row_tolerance(dtype) -> float:
     """How far a probability row may stray from [0, 1] and from summing to 1, by its dtype."""
     name = keras.backend.standardize_dtype(dtype) if dtype is not None else "float32"
@@ -377,7 +468,7 @@ def _activation_of(op) -> str | None:
     return None
 
 
-def _producer(model: keras.Model, target):
+def producer(model: keras.Model, target):
     """The operation (layer or op) of `model` whose output is `target`, or None."""
     for op in reversed(list(model.operations)):
         try:
@@ -403,7 +494,7 @@ def graph_kind(model: keras.Model, key: str | None, position: int | None = None)
     else:
         return None
     units = target.shape[-1] if len(target.shape) > 1 else 1
-    op = model.layers[-1] if isinstance(model, keras.Sequential) else _producer(model, target)
+    op = model.layers[-1] if isinstance(model, keras.Sequential) else producer(model, target)
     if isinstance(op, keras.Model):  # a nested model (a wrapper, a member): its own output decides
         return graph_kind(op, key, 0 if position is None else position)
     activation = _activation_of(op) if op is not None else None
