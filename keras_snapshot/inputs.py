@@ -190,9 +190,10 @@ def targets(y, count: int, what: str) -> np.ndarray:
     return y
 
 
-def validation_pair(validation_data, what: str = "validation_data") -> tuple:
+def validation_pair(validation_data, what: str = "validation_data", *, rows: bool = True) -> tuple:
     """(x_val, y_val) from a tuple or list of two: held-out data, never the test set; both checked
-    (rows agree, NaN / inf refused)."""
+    (rows agree, NaN / inf refused). rows=False leaves the row count of y_val to the caller
+    (several outputs matched later), still refusing NaN / inf."""
     if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
         raise TypeError(
             f"`{what}` must be a tuple (x_val, y_val) of held-out validation data (never the test "
@@ -200,11 +201,22 @@ def validation_pair(validation_data, what: str = "validation_data") -> tuple:
         )
     x_val, y_val = validation_data
     count = rows_of(x_val, f"{what}[0]")
-    if isinstance(y_val, (dict, list, tuple)):  # several outputs: each checked against the rows
+    several = isinstance(y_val, dict) or (
+        isinstance(y_val, (list, tuple))
+        and len(y_val) > 0
+        and all(np.ndim(leaf) >= 1 and (not rows or np.shape(leaf)[0] == count) for leaf in y_val)
+    )
+    if several:  # one array per output: each checked against the rows
         for key, leaf in y_val.items() if isinstance(y_val, dict) else enumerate(y_val):
-            targets(leaf, count, f"{what}[1][{key!r}]")
-    else:
+            if rows:
+                targets(leaf, count, f"{what}[1][{key!r}]")
+            else:
+                check_finite(leaf, f"{what}[1][{key!r}]")
+    elif rows:
         y_val = targets(y_val, count, f"{what}[1]")
+    else:
+        y_val = np.asarray(y_val)
+        check_finite(y_val, f"{what}[1]")
     return x_val, y_val
 
 
@@ -470,7 +482,9 @@ def _activation_of(op) -> str | None:
 
 def producer(model: keras.Model, target):
     """The operation (layer or op) of `model` whose output is `target`, or None."""
-    for op in reversed(list(model.operations)):
+    if isinstance(model, keras.Sequential):
+        return model.layers[-1] if model.layers else None
+    for op in reversed(list(getattr(model, "operations", []))):
         try:
             if op.output is target:
                 return op

@@ -310,7 +310,7 @@ def fit_ensemble_weights(
     ):
         raise ValueError(f"`loss` must be one of {sorted(NAMED_LOSSES)}, a function or None, got {loss!r}.")
     snapshot_sources(snapshots, last)  # a bad `last` fails before any load
-    x_val, y_val = validation_pair(validation_data)  # NaN / inf refused, naming the first row
+    x_val, y_val = validation_pair(validation_data, rows=False)  # NaN / inf refused, naming the first row
     members = load_members(snapshots, last, safe_mode)
     output_struct = structures(members[0].model, members[0].label)[1]
     keys, stacks = member_predictions(
