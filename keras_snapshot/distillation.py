@@ -186,14 +186,14 @@ def _hard_labels(y, key: str, output_shape: tuple, rows: int) -> tuple[np.ndarra
     The shared label rules (keras_snapshot.inputs): class indices (N,) / (N, 1), one-hot rows of
     any dtype, or soft labels (a distribution per row); 0/1 (or soft) targets for one sigmoid unit.
     """
-    what = f"`y` for output {key!r}"
+    what = f"y (output {key!r})"
     if len(output_shape) == 1:
         return distributions(y, rows, output_shape[-1], what)
     # Outputs with more axes (per-pixel classes): class indices of the leading shape, or one-hot rows.
     y = np.asarray(y)
     classes = output_shape[-1]
     if y.shape[:1] != (rows,):
-        raise ValueError(f"{what} has {y.shape[0] if y.ndim else 0} rows but `x` has {rows}.")
+        raise ValueError(f"`{what}` has {y.shape[0] if y.ndim else 0} rows but `x` has {rows}.")
     flat_shape = (rows * int(np.prod(output_shape[:-1])),)
     if y.shape[1:] == output_shape:
         flat = distributions(y.reshape(-1, classes), flat_shape[0], classes, what)[0]
@@ -202,7 +202,7 @@ def _hard_labels(y, key: str, output_shape: tuple, rows: int) -> tuple[np.ndarra
         flat, integer = distributions(y.reshape(-1), flat_shape[0], classes, what)
         return flat.reshape((rows, *output_shape[:-1], max(classes, 2))), integer
     raise ValueError(
-        f"{what} has rows of shape {y.shape[1:]}: pass class indices of shape "
+        f"`{what}` has rows of shape {y.shape[1:]}: pass class indices of shape "
         f"{output_shape[:-1]} or one-hot rows of shape {output_shape}."
     )
 
@@ -261,12 +261,8 @@ def _teacher_members(teacher, last, safe_mode):
 
 
 def _teacher_probabilities(members, x, output_activation, batch_size):
-    names = [member.model.name for member in members]
-    try:  # member_predictions renames the members for its graph; give the user's models their names back
-        _, stacks = member_predictions(members, x, output_activation=output_activation, batch_size=batch_size)
-    finally:
-        for member, name in zip(members, names, strict=True):
-            member.model.name = name
+    # member_predictions never renames a user's model (it calls it inside a wrapper).
+    _, stacks = member_predictions(members, x, output_activation=output_activation, batch_size=batch_size)
     return {key: stack.mean(axis=0) for key, stack in stacks.items()}
 
 

@@ -338,7 +338,7 @@ def labels(y, count: int, classes: int, what: str = "y") -> np.ndarray:
     y = y.reshape(-1).astype("int64")
     if y.size and (y.min() < 0 or y.max() >= classes):
         raise ValueError(
-            f"`{what}` holds labels in [{y.min()}, {y.max()}], but the predictions have {classes} classes: "
+            f"`{what}` holds class indices in [{y.min()}, {y.max()}], but the predictions have {classes} classes: "
             f"labels must lie in [0, {classes - 1}]."
         )
     return y

@@ -46,21 +46,20 @@ class Member:
 
     def node(self) -> keras.Model:
         """The model to call in an ensemble graph, named `self.name` (built once)."""
+        if self.owned:  # our own copy, loaded from its file: identical saved names would clash
+            self.model.name = self.name
+            self._node = self.model
         if self._node is None:
-            if self.owned:
-                self.model.name = self.name  # our own copy: identical saved names would clash
-                self._node = self.model
-            else:
-                inputs = keras.tree.map_structure(
-                    lambda tensor: keras.Input(
-                        batch_shape=tuple(tensor.shape),
-                        dtype=tensor.dtype,
-                        sparse=bool(getattr(tensor, "sparse", False)),
-                        name=tensor.name,
-                    ),
-                    structures(self.model, self.label)[0],
-                )
-                self._node = keras.Model(inputs, self.model(inputs), name=self.name)
+            inputs = keras.tree.map_structure(
+                lambda tensor: keras.Input(
+                    batch_shape=tuple(tensor.shape),
+                    dtype=tensor.dtype,
+                    sparse=bool(getattr(tensor, "sparse", False)),
+                    name=tensor.name,
+                ),
+                structures(self.model, self.label)[0],
+            )
+            self._node = keras.Model(inputs, self.model(inputs), name=self.name)
         return self._node
 
 
