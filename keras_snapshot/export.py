@@ -21,7 +21,7 @@ from keras_snapshot.ensemble import (
     uncertainty_tensors,
     unique_name,
 )
-from keras_snapshot.inputs import output_items, output_kind, producer, structures
+from keras_snapshot.inputs import output_items, output_kind, structures
 from keras_snapshot.manifest import TEMP_PREFIX
 
 __all__ = ["export_saved_model"]
@@ -135,11 +135,12 @@ def _serving_model(model: keras.Model, member_outputs: bool, uncertainty: bool =
     return view, signature
 
 
-def _has_uncertainty(model: keras.Model, named_outputs: dict) -> bool:
+def _has_uncertainty(model: keras.Model, named_outputs: dict | None = None) -> bool:
     """Whether an output of `model` comes from an uncertainty block (build_ensemble(...,
     uncertainty=True)): decided by the graph, never by what the outputs are called, so that an
     output named "log_variance" or "max_entropy" is just an output."""
-    return any(is_uncertainty_block(producer(model, tensor)) for tensor in named_outputs.values())
+    del named_outputs  # what they are called says nothing
+    return any(is_uncertainty_block(layer) for layer in model.layers)
 
 
 def _uncertainty(model, taps, member_keys, named_outputs, items, outputs) -> dict:

@@ -486,7 +486,7 @@ def producer(model: keras.Model, target):
         return model.layers[-1] if model.layers else None
     for op in reversed(list(getattr(model, "operations", []))):
         try:
-            if op.output is target:
+            if any(tensor is target for tensor in keras.tree.flatten(op.output)):
                 return op
         except (AttributeError, ValueError):  # an op called more than once has no single output
             continue
@@ -509,6 +509,12 @@ def graph_kind(model: keras.Model, key: str | None, position: int | None = None)
         return None
     units = target.shape[-1] if len(target.shape) > 1 else 1
     op = model.layers[-1] if isinstance(model, keras.Sequential) else producer(model, target)
+    if op is None:
+        # A nested model's `output` is its own graph's tensor, not the one of this call: a wrapper
+        # (a user's model called under its ensemble name) ends in the model it wraps.
+        operations = list(getattr(model, "operations", []))
+        if operations and isinstance(operations[-1], keras.Model):
+            op = operations[-1]
     if isinstance(op, keras.Model):  # a nested model (a wrapper, a member): its own output decides
         return graph_kind(op, key, 0 if position is None else position)
     activation = _activation_of(op) if op is not None else None
