@@ -322,13 +322,16 @@ def build_ensemble(
     Args:
         snapshots: a snapshot directory written by `SnapshotCallback` (its manifest, ordered by
             cycle), a list of `.keras` paths, or a list of `keras.Model`s (used as they are, not
-            copied: they are renamed `snapshot_XX` and share their weights with the ensemble).
+            copied and never renamed: each is called inside a wrapper named `snapshot_XX` and
+            shares its weights with the ensemble).
         last: keep only the last m snapshots (1 <= m <= M); None keeps all.
         weights: None for the plain mean; one non-negative weight per member kept (normalised to
             sum to 1); or "fit" to fit them on `validation_data` (see `fit_ensemble_weights`).
             Members of weight 0 are left out of the model, so they cost nothing at inference.
         output_activation: an activation name applied to every member output before averaging
-            (e.g. "softmax" for logits), or a dict {output name: activation or None}.
+            (e.g. "softmax" for logits), or a dict {output name: activation or None}. It is never
+            applied to an output that already is what it makes (softmax over a softmax output):
+            that output keeps its values, with a UserWarning.
         name: the name of the ensemble model.
         safe_mode: load snapshot files in Keras's safe mode, which refuses Lambda layers holding
             Python code. Pass False only for files you trust.
@@ -364,8 +367,11 @@ def build_ensemble(
             computed on the members as they are (temperature scaling does not change which member
             disagrees, and the raw mean keeps the information decomposition exact). With weights,
             every mean over members is weighted by them. An output is a classifier when it ends in
-            softmax or one sigmoid unit (its last layer, or `output_activation`); several sigmoid
-            units (multi-label) count as values. Works with `fuse=True` (the fused graph computes
+            softmax or one sigmoid unit (a layer, an activation or a `keras.ops` op, or
+            `output_activation`; where the graph cannot tell, its values decide: see
+            docs/guide/inputs.md); several sigmoid units (multi-label) count as values. The
+            measures are computed in one nested block named "uncertainty", so outputs called
+            "mean", "variance" or "entropy" do not clash with them. Works with `fuse=True` (the fused graph computes
             the members' outputs stacked). `export_saved_model` serves the same keys.
 
     Returns:
