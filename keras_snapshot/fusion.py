@@ -112,7 +112,8 @@ SUPPORTED = (
     "Dense, Conv1D/2D/3D, DepthwiseConv1D/2D, BatchNormalization, Embedding (mask_zero=False), "
     "pooling, global pooling, padding, cropping, up-sampling (channels_last), Flatten, Reshape, "
     "Permute, Concatenate, Add/Subtract/Multiply/Average/Maximum/Minimum, Activation, Softmax, ReLU, "
-    "LeakyReLU, ELU, Rescaling, dropout and noise layers, nested functional/Sequential models, and "
+    "LeakyReLU, ELU, Rescaling, keras.ops.softmax/sigmoid, dropout and noise layers, nested "
+    "functional/Sequential models, and "
     "any layer whose weights are identical in every member and whose inputs are the model's inputs"
 )
 SHARED, STACKED, MEMBER, BROKEN = "shared", "stacked", "member", "broken"
@@ -185,7 +186,9 @@ def _signature(model) -> list:
         if _is_model(op):
             signature.append((type(op).__name__, _signature(op)))
         else:
-            signature.append((type(op).__name__, repr(_config(op)), [tuple(w.shape) for w in op.weights]))
+            signature.append(
+                (type(op).__name__, repr(_config(op)), [tuple(w.shape) for w in getattr(op, "weights", [])])
+            )
     nodes = keras_internals.nodes_by_depth(functional)
     for depth in sorted(nodes, reverse=True):
         for node in nodes[depth]:
@@ -382,11 +385,25 @@ class _Fuser:
             return self.depthwise
         if isinstance(op, keras.layers.Embedding):
             return self.embedding
+        if not isinstance(op, keras.layers.Layer) and type(op).__name__ in ("Softmax", "Sigmoid"):
+            return self.activation_op  # keras.ops.softmax / sigmoid applied in a functional model
         return None
 
     # -------------------------------------------------------------------- layer rules
     def activation_layer(self, op, t):
         return self.activate(t, op.get_config()["activation"], op.name)
+
+    def activation_op(self, op, t):
+        if type(op).__name__ == "Sigmoid":
+            return self.activate(t, "sigmoid", op.name)
+        axis = getattr(op, "axis", -1)
+        axes = axis if isinstance(axis, (list, tuple)) else [axis]
+        t = self.to_member(t)
+        moved = [a if a < 0 else a + 1 for a in axes]
+        layer = keras.layers.Softmax(
+            axis=moved if isinstance(axis, (list, tuple)) else moved[0], name=self.name(op.name)
+        )
+        return _T(layer(t.tensor), MEMBER)
 
     def elementwise(self, op, t):
         return _T(self.fresh(op)(t.tensor), t.layout)
