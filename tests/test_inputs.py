@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from keras_snapshot import (
-    AveragingWarning,
     average_weights,
     build_ensemble,
     distill,
@@ -38,7 +37,7 @@ numpy_level = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="backend-independent parsing: run on TensorFlow"
 )
 # One epoch of training leaves the averaged model worse than a member now and then: not the point here.
-pytestmark = pytest.mark.filterwarnings(f"ignore::{AveragingWarning.__module__}.{AveragingWarning.__name__}")
+pytestmark = pytest.mark.filterwarnings("ignore::keras_snapshot.averaging.AveragingWarning")
 
 
 def _data():
