@@ -17,7 +17,8 @@ The metrics are plain numpy functions on predictions already computed (float64 i
 
 `p` is (N, C) probabilities; a binary classifier's single sigmoid unit, (N,) or (N, 1), counts as
 two classes [1 - p, p] (so its Brier score sums over both classes). `y` is integer labels, (N,)
-or (N, 1), or one-hot rows (N, C). `stack` is the members' predictions, (M, N, C) (M members).
+or (N, 1), or one-hot rows (N, C) of any dtype; soft labels, NaN and inf are refused (the rules of
+keras_snapshot.inputs, docs/guide/inputs.md). `stack` is the members' predictions, (M, N, C) (M members).
 The NLL and temperature scaling clip probabilities to [1e-7, 1] before the logarithm, as Keras's
 cross-entropies do; entropies are exact (0 log 0 = 0).
 
