@@ -485,15 +485,15 @@ def test_softmax_op_members_fuse():
 
 def test_fusion_passes_safe_mode_on(tmp_path):
     x, y, _, _ = split()
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((FEATURES,), name="features")
+    scaled = keras.layers.Lambda(lambda t: t * 0.5, name="halve")(inputs)  # shared, weightless
+    hidden = keras.layers.Dense(8, activation="relu")(scaled)
+    model = keras.Model(inputs, keras.layers.Dense(CLASSES, activation="softmax")(hidden))
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
     paths = []
-    for index in range(MEMBERS):
-        keras.utils.set_random_seed(index)
-        inputs = keras.Input((FEATURES,), name="features")
-        scaled = keras.layers.Lambda(lambda t: t * 0.5, name="halve")(inputs)  # shared, weightless
-        outputs = keras.layers.Dense(CLASSES, activation="softmax")(
-            keras.layers.Dense(8, activation="relu")(scaled)
-        )
-        model = _trained(keras.Model(inputs, outputs), x, y, "sparse_categorical_crossentropy")
+    for index in range(MEMBERS):  # snapshots of one run: one architecture, weights one epoch apart
+        model.fit(x, y, epochs=1, batch_size=32, verbose=0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Keras warns that the lambda is unsafe to reload
             model.save(tmp_path / f"m{index}.keras")
