@@ -18,8 +18,16 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from keras_snapshot.members import load_members, member_predictions, output_items, snapshot_sources
-from keras_snapshot.weights import EPSILON, check_validation_data
+from keras_snapshot.inputs import (
+    EPSILON,
+    check_inputs,
+    check_probabilities,
+    input_arrays,
+    labels,
+    output_items,
+    validation_pair,
+)
+from keras_snapshot.members import load_members, member_predictions, output_dtype, snapshot_sources
 
 __all__ = ["AveragingWarning", "average_weights"]
 
@@ -170,39 +178,13 @@ def _scores(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
-def _class_labels(y_val, classes: int, rows: int) -> np.ndarray:
-    y = np.asarray(y_val)
-    if y.shape[:1] != (rows,):
-        raise ValueError(f"`validation_data` has {y.shape[0] if y.ndim else 0} labels for {rows} inputs.")
-    width = max(classes, 2)
-    if classes > 1 and y.ndim == 2 and y.shape[1] == classes and not np.issubdtype(y.dtype, np.integer):
-        return np.argmax(y, axis=1)  # one-hot rows
-    labels = y.reshape(rows, -1)
-    if (
-        labels.shape[1] != 1
-        or not np.all(np.mod(labels, 1) == 0)
-        or labels.min() < 0
-        or labels.max() >= width
-    ):
-        raise ValueError(
-            f"`validation_data` labels must be class indices in [0, {width - 1}] (or one-hot rows), "
-            f"got shape {y.shape}."
-        )
-    return labels[:, 0].astype("int64")
-
-
 def _report(members, averaged, x_val, y_val, batch_size) -> dict:
     keys = [key for key, _ in output_items(members[0].model, members[0].label)]
     if len(keys) != 1:
         raise ValueError(
             f"`validation_data` is supported for models with one output; these have {len(keys)} ({keys})."
         )
-    names = [member.model.name for member in members]
-    try:  # member_predictions renames the members for its graph; give the user's models their names back
-        _, stacks = member_predictions(members, x_val, batch_size=batch_size)
-    finally:
-        for member, name in zip(members, names, strict=True):
-            member.model.name = name
+    _, stacks = member_predictions(members, x_val, batch_size=batch_size)
     stack = stacks[keys[0]]
     rows, classes = stack.shape[1], stack.shape[-1]
     if stack.ndim != 3:
@@ -210,23 +192,26 @@ def _report(members, averaged, x_val, y_val, batch_size) -> dict:
             f"`validation_data` is supported for class probabilities of shape (N, C); the output has shape "
             f"{stack.shape[1:]}."
         )
-    if (
-        np.any(stack < -1e-6)
-        or np.any(stack > 1 + 1e-6)
-        or (classes > 1 and np.max(np.abs(stack.sum(axis=-1) - 1)) > 1e-3)
-    ):
+    try:
+        check_probabilities(stack, "softmax" if classes > 1 else "sigmoid", output_dtype(members, keys[0]))
+    except ValueError as error:
         raise ValueError(
-            "The members' outputs are not probabilities, so the validation NLL is undefined: the report "
-            "needs members that end in softmax (or one sigmoid unit)."
-        )
-    labels = _class_labels(y_val, classes, rows)
+            f"{error} The validation NLL of the averaging report is only defined for members that end in "
+            "softmax (or one sigmoid unit)."
+        ) from None
+    indices = labels(y_val, rows, max(classes, 2), "validation_data[1]")
     averaged_p = keras.tree.flatten(averaged.predict(x_val, batch_size=batch_size, verbose=0))[0]
-    member_scores = [_scores(p, labels) for p in stack]
+    if not np.all(np.isfinite(averaged_p)):
+        raise ValueError(
+            "The averaged model predicts NaN or inf on the validation inputs: its averaged weights (or the "
+            "BatchNormalization statistics recomputed from bn_data) are not finite."
+        )
+    member_scores = [_scores(p, indices) for p in stack]
     best = min(range(len(members)), key=lambda i: (member_scores[i]["nll"], member_scores[i]["error"]))
     report = {
-        "averaged": _scores(averaged_p, labels),
+        "averaged": _scores(averaged_p, indices),
         "best_member": {"model": members[best].label, **member_scores[best]},
-        "ensemble": _scores(stack.mean(axis=0), labels),
+        "ensemble": _scores(stack.mean(axis=0), indices),
         "members": [
             {"model": member.label, **scores} for member, scores in zip(members, member_scores, strict=True)
         ],
@@ -313,11 +298,9 @@ def average_weights(
     if not isinstance(safe_mode, bool):
         raise TypeError(f"`safe_mode` must be True or False, got {safe_mode!r}.")
     if validation_data is not None:
-        x_val, y_val = check_validation_data(validation_data)
+        x_val, y_val = validation_pair(validation_data)  # NaN / inf refused, naming the first row
     if bn_data is not None:
-        from keras_snapshot.distillation import as_arrays  # one definition of "in-memory arrays"
-
-        bn_data, _ = as_arrays(bn_data, "bn_data")
+        bn_data, _ = input_arrays(bn_data, "bn_data")  # NaN / inf refused: one NaN spoils every BN mean
     snapshot_sources(snapshots, last)  # cheap checks (paths, `last`) before any load
     members = load_members(snapshots, last, safe_mode)
     _check_architecture(members)
@@ -330,8 +313,6 @@ def average_weights(
             "pass bn_data=x_train (the training inputs, no labels) to recompute them."
         )
     if bn_data is not None and norms:
-        from keras_snapshot.distillation import check_inputs
-
         check_inputs(bn_data, reference, members[0].label, "bn_data")
 
     averaged = keras.models.clone_model(reference)

@@ -17,22 +17,19 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from keras_snapshot.evaluation import (
+from keras_snapshot.inputs import (
     EPSILON,
+    check_activation,
+    check_batch_size,
     check_probabilities,
-    check_targets,
     labels,
-    probabilities,
-    rows_of,
-)
-from keras_snapshot.members import (
-    load_members,
-    member_predictions,
+    lowest_precision,
     output_items,
-    snapshot_sources,
+    probabilities,
     structures,
+    validation_pair,
 )
-from keras_snapshot.weights import check_validation_data
+from keras_snapshot.members import load_members, member_predictions, output_dtype, snapshot_sources
 
 __all__ = ["fit_temperature"]
 
@@ -75,7 +72,7 @@ def _nll_curve(p, y):
     return f
 
 
-def temperature_from_probabilities(p, y) -> float:
+def temperature_from_probabilities(p, y, *, dtype=None) -> float:
     """The temperature T minimising the NLL of softmax(log(p) / T) against labels `y`.
 
     A deterministic, bounded 1-D search on log T in [log 0.05, log 20]: a coarse grid, then golden-
@@ -84,7 +81,9 @@ def temperature_from_probabilities(p, y) -> float:
 
     Args:
         p: probabilities, (N, C), or (N,) / (N, 1) for one sigmoid unit.
-        y: integer labels (N,) / (N, 1) or one-hot rows (N, C).
+        y: integer labels (N,) / (N, 1) or one-hot rows (N, C) of any dtype (not soft labels).
+        dtype: the dtype the probabilities were computed in (float16 rows get a looser sum
+            tolerance, see keras_snapshot.inputs.row_tolerance); None for float32.
 
     Returns:
         T as a Python float.
@@ -92,7 +91,7 @@ def temperature_from_probabilities(p, y) -> float:
     p = np.asarray(p, dtype="float64")
     if p.size == 0:
         raise ValueError("Cannot fit a temperature on no examples: `p` is empty.")
-    check_probabilities(probabilities(p), "softmax")
+    check_probabilities(probabilities(p), "softmax", dtype)
     f = _nll_curve(p, y)
     grid = np.linspace(*LOG_T_RANGE, _GRID)
     values = [f(math.exp(g)) for g in grid]
@@ -166,19 +165,16 @@ def fit_temperature(
     ensemble = keras_snapshot.build_ensemble("snapshots", temperature=t)
     ```
     """
-    from keras_snapshot.evaluation import _check_batch_size  # one definition of the check
-
     if not isinstance(safe_mode, bool):
         raise TypeError(f"`safe_mode` must be True or False, got {safe_mode!r}.")
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     if output_activation is not None and not isinstance(output_activation, str):
         raise TypeError(f"`output_activation` must be None or an activation name, got {output_activation!r}.")
-    x_val, y_val = check_validation_data(validation_data)
-    y_val = check_targets(y_val, rows_of(x_val, "validation_data[0]"), "validation_data[1]")
+    x_val, y_val = validation_pair(validation_data)  # NaN / inf refused, naming the first row
     if isinstance(snapshots_or_model, keras.Model):
         if last is not None:
             raise ValueError("`last` applies to snapshots; for one model pass last=None.")
-        p = _model_probabilities(snapshots_or_model, x_val, y_val, output_activation, batch_size)
+        p, dtype = _model_probabilities(snapshots_or_model, x_val, y_val, output_activation, batch_size)
     else:
         snapshot_sources(snapshots_or_model, last)  # a bad `last` fails before any load
         members = load_members(snapshots_or_model, last, safe_mode)
@@ -190,19 +186,24 @@ def fit_temperature(
                 f"fit_temperature takes single-output members; these snapshots have outputs {keys}."
             )
         stack = stacks[keys[0]]
-        check_probabilities(stack, _hint(stack))
+        dtype = output_dtype(members, keys[0])
+        check_probabilities(stack, _hint(stack), dtype)
         p = stack.mean(axis=0)
-    return temperature_from_probabilities(p, y_val)
+        labels(y_val, len(y_val), max(p.shape[-1] if p.ndim > 1 else 1, 2), "validation_data[1]")
+    return temperature_from_probabilities(p, y_val, dtype=dtype)
 
 
 def _hint(p: np.ndarray) -> str:
     return "sigmoid" if p.shape[-1] == 1 else "softmax"
 
 
-def _model_probabilities(model, x_val, y_val, output_activation, batch_size) -> np.ndarray:
+def _model_probabilities(model, x_val, y_val, output_activation, batch_size) -> tuple[np.ndarray, str]:
+    """The model's probabilities on x_val (after `output_activation`, never applied twice) and
+    the dtype they were computed in."""
     outputs = structures(model, f"model {model.name!r}")[1]
     if isinstance(outputs, dict) and "predictions" in outputs:
         key = "predictions"  # build_ensemble(..., uncertainty=True)
+        output_activation = check_activation(model, key, output_activation)
     else:
         items = output_items(model, f"model {model.name!r}")
         if len(items) != 1:
@@ -211,6 +212,7 @@ def _model_probabilities(model, x_val, y_val, output_activation, batch_size) -> 
                 f"{[k for k, _ in items]}."
             )
         key = None
+        output_activation = check_activation(model, items[0][0], output_activation, 0)
     p = model.predict(x_val, batch_size=batch_size, verbose=0)
     if key is not None:
         p = p[key]
@@ -218,11 +220,12 @@ def _model_probabilities(model, x_val, y_val, output_activation, batch_size) -> 
         p = next(iter(p.values()))
     elif isinstance(p, (list, tuple)):
         p = p[0]
+    dtype = lowest_precision([tensor.dtype for _, tensor in output_items(model)])
     p = np.asarray(p, dtype="float64")
     if output_activation is not None:
         p = np.asarray(
             keras.ops.convert_to_numpy(keras.activations.get(output_activation)(p)), dtype="float64"
         )
-    check_probabilities(p, _hint(p))
+    check_probabilities(p, _hint(p), dtype)
     labels(y_val, len(y_val), max(p.shape[-1] if p.ndim > 1 else 1, 2), "validation_data[1]")
-    return p
+    return p, dtype

@@ -276,7 +276,7 @@ def _load_data(path: str, option: str, x_names, y_name, members):
     """
     import numpy as np
 
-    from keras_snapshot.members import input_items
+    from keras_snapshot.inputs import input_items
 
     items = input_items(members[0].model, members[0].label)
     input_names = [key for key, _ in items]
@@ -319,6 +319,13 @@ def _load_data(path: str, option: str, x_names, y_name, members):
                 f"{path!r} ({option}): array {name!r} has shape {array.shape}, the model's input {key!r} "
                 f"expects (N, {', '.join('?' if e is None else str(e) for e in expected)})."
             )
+    from keras_snapshot.inputs import check_finite
+
+    for name in wanted:  # the library's rule: NaN / inf refused, naming the count and the first row
+        try:
+            check_finite(arrays[name], name)
+        except ValueError as error:
+            raise UserError(f"{path!r} ({option}): {error}") from None
     x = (
         arrays[x_names[0]]
         if len(x_names) == 1

@@ -14,17 +14,25 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
+from keras_snapshot.inputs import (
+    check_inputs,
+    compatible,
+    distribution_rows,
+    distributions,
+    input_arrays,
+    output_items,
+    row_tolerance,
+    structures,
+)
 from keras_snapshot.members import (
     MEMBER_PREFIX,
     Member,
     check_agreement,
-    input_items,
     load_members,
     member_predictions,
-    output_items,
+    output_dtype,
     resolve_activations,
     snapshot_sources,
-    structures,
 )
 
 __all__ = ["distill"]
@@ -151,114 +159,50 @@ def _refuse_streams(data, name: str) -> None:
 
 
 def as_arrays(data, name: str):
-    """data as numpy arrays in its structure (one array, a list or a dict), and its row count."""
+    """data as numpy arrays in its structure (one array, a list or a dict), and its row count;
+    streams refused with distill's reason, NaN / inf refused naming the first row."""
     _refuse_streams(data, name)
-    if isinstance(data, dict):
-        arrays = {str(key): np.asarray(value) for key, value in data.items()}
-        leaves = list(arrays.values())
-    elif isinstance(data, (list, tuple)):
-        arrays = [np.asarray(value) for value in data]
-        leaves = arrays
-    else:
-        arrays = np.asarray(data)
-        leaves = [arrays]
-    if not leaves:
-        raise ValueError(f"`{name}` is empty: pass the inputs as arrays.")
-    for leaf in leaves:
-        if leaf.ndim == 0 or leaf.dtype == object:
-            raise ValueError(
-                f"`{name}` must hold numeric arrays with a batch axis first, got an array of shape "
-                f"{leaf.shape} and dtype {leaf.dtype}."
-            )
-    rows = {leaf.shape[0] for leaf in leaves}
-    if len(rows) != 1:
-        raise ValueError(f"The arrays of `{name}` have different numbers of rows: {sorted(rows)}.")
-    count = rows.pop()
-    if count == 0:
-        raise ValueError(f"`{name}` has no rows.")
-    return arrays, count
+    return input_arrays(data, name)
 
 
-def _compatible(shape, expected) -> bool:
-    return len(shape) == len(expected) and all(
-        e is None or s == e for s, e in zip(shape, expected, strict=True)
+def _check_probabilities(values: np.ndarray, what: str, hint: str, dtype=None) -> None:
+    """Probabilities over the last axis, within the row tolerance of `dtype` (float16 looser)."""
+    if distribution_rows(values, dtype):
+        return
+    finite = bool(np.all(np.isfinite(values)))
+    seen = f"values in [{np.nanmin(values):.3g}, {np.nanmax(values):.3g}]" if finite else "NaN or inf values"
+    tol = row_tolerance(dtype)
+    if finite and values.shape[-1] > 1 and np.all(values >= -tol) and np.all(values <= 1 + tol):
+        sums = values.sum(axis=-1)
+        seen = f"rows summing to {np.min(sums):.4g}..{np.max(sums):.4g}"
+    raise ValueError(
+        f"{what} are not probabilities over the last axis ({seen}). distill matches distributions: {hint}"
     )
 
 
-def check_inputs(arrays, model: keras.Model, label: str, name: str) -> None:
-    """`arrays` fit the model's inputs: one array, a list in order or a dict by input name."""
-    items = input_items(model, label)
-    names = [key for key, _ in items]
-    if isinstance(arrays, dict):
-        if set(arrays) != set(names):
-            raise ValueError(
-                f"`{name}` has keys {sorted(arrays)}, but {label} has inputs {names}: pass a dict with "
-                "exactly the input names."
-            )
-        given = [arrays[key] for key in names]
-    elif isinstance(arrays, list):
-        if len(arrays) != len(names):
-            raise ValueError(
-                f"`{name}` holds {len(arrays)} arrays, but {label} has {len(names)} inputs {names}."
-            )
-        given = arrays
-    else:
-        if len(names) != 1:
-            raise ValueError(
-                f"`{name}` is one array, but {label} has {len(names)} inputs {names}: pass a list or a dict."
-            )
-        given = [arrays]
-    for key, array, (_, tensor) in zip(names, given, items, strict=True):
-        expected = tuple(tensor.shape)[1:]
-        if not _compatible(array.shape[1:], expected):
-            raise ValueError(
-                f"`{name}` for input {key!r} has rows of shape {array.shape[1:]}, but {label} expects "
-                f"{expected}."
-            )
-
-
-def _check_probabilities(values: np.ndarray, what: str, hint: str) -> None:
-    finite = np.all(np.isfinite(values))
-    inside = finite and np.all(values >= -1e-6) and np.all(values <= 1 + 1e-6)
-    sums = values.sum(axis=-1) if values.shape[-1] > 1 else None
-    if not inside or (sums is not None and np.max(np.abs(sums - 1.0)) > 1e-3):
-        seen = f"values in [{np.nanmin(values):.3g}, {np.nanmax(values):.3g}]"
-        if sums is not None and inside:
-            seen = f"rows summing to {np.min(sums):.3g}..{np.max(sums):.3g}"
-        raise ValueError(
-            f"{what} are not probabilities over the last axis ({seen}). distill matches distributions: {hint}"
-        )
-
-
 def _hard_labels(y, key: str, output_shape: tuple, rows: int) -> tuple[np.ndarray, bool]:
-    """One-hot labels of width max(C, 2) and whether they were integer class indices."""
+    """Target rows of width max(C, 2) and whether they were integer class indices.
+
+    The shared label rules (keras_snapshot.inputs): class indices (N,) / (N, 1), one-hot rows of
+    any dtype, or soft labels (a distribution per row); 0/1 (or soft) targets for one sigmoid unit.
+    """
+    what = f"y (output {key!r})"
+    if len(output_shape) == 1:
+        return distributions(y, rows, output_shape[-1], what)
+    # Outputs with more axes (per-pixel classes): class indices of the leading shape, or one-hot rows.
     y = np.asarray(y)
     classes = output_shape[-1]
     if y.shape[:1] != (rows,):
-        raise ValueError(f"`y` for output {key!r} has {y.shape[0] if y.ndim else 0} rows but `x` has {rows}.")
-    if classes == 1:
-        if y.shape[1:] not in (output_shape[:-1], output_shape):
-            raise ValueError(
-                f"`y` for output {key!r} has shape {y.shape}, the output {(rows, *output_shape)}."
-            )
-        y = y.reshape((rows, *output_shape[:-1], 1)).astype("float64")
-        if np.any((y < 0) | (y > 1)):
-            raise ValueError(f"`y` for the sigmoid output {key!r} must lie in [0, 1].")
-        return np.concatenate([1.0 - y, y], axis=-1), False
-    if y.shape[1:] == output_shape and not np.issubdtype(y.dtype, np.integer):
-        y = y.astype("float64")
-        _check_probabilities(y, f"`y` for output {key!r}", "pass integer class labels or one-hot rows.")
-        return y, False
+        raise ValueError(f"`{what}` has {y.shape[0] if y.ndim else 0} rows but `x` has {rows}.")
+    flat_shape = (rows * int(np.prod(output_shape[:-1])),)
+    if y.shape[1:] == output_shape:
+        flat = distributions(y.reshape(-1, classes), flat_shape[0], classes, what)[0]
+        return flat.reshape((rows, *output_shape[:-1], max(classes, 2))), False
     if y.shape[1:] in (output_shape[:-1], (*output_shape[:-1], 1)):
-        labels = y.reshape((rows, *output_shape[:-1]))
-        if not np.all(np.mod(labels, 1) == 0) or labels.min() < 0 or labels.max() >= classes:
-            raise ValueError(
-                f"`y` for output {key!r} must hold class indices in [0, {classes - 1}], got values in "
-                f"[{labels.min()}, {labels.max()}]."
-            )
-        return np.eye(classes)[labels.astype("int64")], True
+        flat, integer = distributions(y.reshape(-1), flat_shape[0], classes, what)
+        return flat.reshape((rows, *output_shape[:-1], max(classes, 2))), integer
     raise ValueError(
-        f"`y` for output {key!r} has rows of shape {y.shape[1:]}: pass class indices of shape "
+        f"`{what}` has rows of shape {y.shape[1:]}: pass class indices of shape "
         f"{output_shape[:-1]} or one-hot rows of shape {output_shape}."
     )
 
@@ -317,12 +261,8 @@ def _teacher_members(teacher, last, safe_mode):
 
 
 def _teacher_probabilities(members, x, output_activation, batch_size):
-    names = [member.model.name for member in members]
-    try:  # member_predictions renames the members for its graph; give the user's models their names back
-        _, stacks = member_predictions(members, x, output_activation=output_activation, batch_size=batch_size)
-    finally:
-        for member, name in zip(members, names, strict=True):
-            member.model.name = name
+    # member_predictions never renames a user's model (it calls it inside a wrapper).
+    _, stacks = member_predictions(members, x, output_activation=output_activation, batch_size=batch_size)
     return {key: stack.mean(axis=0) for key, stack in stacks.items()}
 
 
@@ -361,7 +301,7 @@ def _check_student(student, reference_outputs, keys, output_struct, label: str) 
         student_items = [(key, dict(student_items)[key]) for key, _ in reference_outputs]
     for (key, tensor), (student_key, student_tensor) in zip(reference_outputs, student_items, strict=True):
         expected, shape = tuple(tensor.shape)[1:], tuple(student_tensor.shape)[1:]
-        if not _compatible(shape, expected) and not _compatible(expected, shape):
+        if not compatible(shape, expected) and not compatible(expected, shape):
             raise ValueError(
                 f"The student's output {student_key!r} has shape {shape}, {label}'s output {key!r} has "
                 f"{expected}: the student must predict the same classes."
@@ -419,8 +359,9 @@ def distill(
             `keras.Model`s (their mean probabilities), or one `keras.Model`, e.g. an ensemble made
             by `build_ensemble`.
         x: training inputs: an array, a list of arrays (one per input) or a dict by input name.
-        y: optional labels (class indices, or one-hot rows; a dict by output name for several
-            outputs), mixed in with weight `alpha`.
+        y: optional labels (class indices (N,) / (N, 1), one-hot rows of any dtype, or soft
+            labels; a dict by output name for several outputs), mixed in with weight `alpha`.
+            NaN or inf in `x`, `y` or `validation_data` is refused, naming the first row.
         student: the model to train (its weights are trained in place). Default: a fresh copy of
             the members' architecture, re-initialised (`keras.models.clone_model`), so the student
             costs one member; from a `build_ensemble` model the copy is of its first member, with
@@ -445,9 +386,10 @@ def distill(
 
     Returns:
         The trained student, a plain functional `keras.Model`. It is compiled with the training
-        optimizer (its state kept) and built-in Keras objects only: `sparse_categorical_crossentropy`
-        when `y` held class indices, else `categorical_crossentropy` (`binary_crossentropy` for a
-        single sigmoid unit), with the metric "accuracy". So `student.evaluate(x_test, y_test)`
+        optimizer (its state kept) and built-in Keras objects only: `categorical_crossentropy`
+        when `y` held one-hot or soft rows, else (class indices, or no `y`)
+        `sparse_categorical_crossentropy` (`binary_crossentropy` for a single sigmoid unit), with
+        the metric "accuracy". So `student.evaluate(x_test, y_test)`
         works and `student.save("student.keras")` reloads with plain `keras.saving.load_model`,
         without keras_snapshot. `student.history.history` holds the training logs.
 
@@ -547,9 +489,14 @@ def distill(
     probe_outputs = _per_key(
         student.predict(probe, batch_size=batch_size, verbose=0), keys, output_struct, "the student outputs"
     )
-    for key in keys:
+    student_dtypes = dict(output_items(student, "the student"))
+    for position, key in enumerate(keys):
+        tensor = student_dtypes.get(key, list(student_dtypes.values())[position])
         _check_probabilities(
-            np.asarray(probe_outputs[key], dtype="float64"), f"The student's outputs {key!r}", hint
+            np.asarray(probe_outputs[key], dtype="float64"),
+            f"The student's outputs {key!r}",
+            hint,
+            tensor.dtype,
         )
     if optimizer is None:
         optimizer = getattr(student, "optimizer", None) or keras.optimizers.Adam(DEFAULT_LEARNING_RATE)
@@ -561,6 +508,7 @@ def distill(
             probabilities[key],
             f"The teacher's outputs {key!r}",
             "pass output_activation='softmax' (or 'sigmoid') when the members output logits.",
+            output_dtype(members, key),
         )
     probabilities_val = (
         _teacher_probabilities(members, x_val, output_activation, batch_size) if x_val is not None else None
@@ -602,7 +550,9 @@ def distill(
     def final_loss(key):
         if output_shapes[key][-1] == 1:
             return "binary_crossentropy"
-        return "sparse_categorical_crossentropy" if integer_labels[key] else "categorical_crossentropy"
+        # Class indices are what users evaluate with unless they trained on one-hot / soft rows.
+        labelled_with_rows = y is not None and not integer_labels[key]
+        return "categorical_crossentropy" if labelled_with_rows else "sparse_categorical_crossentropy"
 
     student.compile(
         optimizer=student.optimizer,

@@ -27,18 +27,28 @@ import keras
 import numpy as np
 
 from keras_snapshot import calibration, fusion, keras_internals, selective
-from keras_snapshot.evaluation import EPSILON, check_targets, check_temperature, labels, rows_of
+from keras_snapshot.inputs import (
+    BINARY,
+    CLASSES,
+    EPSILON,
+    VALUES,
+    check_temperature,
+    labels,
+    output_items,
+    output_kind,
+    validation_pair,
+)
 from keras_snapshot.members import (
     MEMBER_PREFIX,
     call_members,
     frame,
     load_members,
-    output_items,
+    output_dtype,
     predict_taps,
     snapshot_sources,
 )
 from keras_snapshot.selection import DEFAULT_MAX_ROUNDS
-from keras_snapshot.weights import check_validation_data, check_weights, fitted_weights
+from keras_snapshot.weights import check_weights, fitted_weights
 
 __all__ = ["build_ensemble"]
 
@@ -88,70 +98,10 @@ def assemble(inputs, keys, output_struct, combined: dict, name: str) -> keras.Mo
     return keras.Model(inputs, outputs, name=name)
 
 
-def _kind(activation: str | None, units) -> str:
-    if activation == "softmax" and units != 1:
-        return "classes"
-    if activation == "sigmoid" and units == 1:
-        return "binary"
-    return "values"
-
-
-def _activation_name(layer) -> str | None:
-    if isinstance(layer, keras.layers.Softmax):
-        return "softmax"
-    function = getattr(layer, "activation", None)
-    return getattr(function, "__name__", None) if callable(function) else None
-
-
-def _producing_layer(model: keras.Model, key, position):
-    """The layer of `model` that makes its output `key` (else the one at `position`), or None."""
-    try:
-        items = output_items(model)
-        named = dict(items)
-        if key in named:
-            target = named[key]
-        elif position is not None and position < len(items):
-            target = items[position][1]
-        else:
-            return None
-        if isinstance(model, keras.Sequential):
-            layer = model.layers[-1]
-        else:
-            layer = None
-            for candidate in reversed(model.layers):
-                try:
-                    if candidate.output is target:
-                        layer = candidate
-                        break
-                except (AttributeError, ValueError):  # a layer called more than once
-                    continue
-        if isinstance(layer, keras.Model):
-            return _producing_layer(layer, None, 0)
-        return layer
-    except Exception:  # the kind only picks which uncertainty measures apply
-        return None
-
-
-def output_kind(model: keras.Model, key: str, activation: str | None, position: int | None = None) -> str:
-    """What a member output holds: "classes" (softmax over the last axis), "binary" (one sigmoid
-    unit) or "values" (anything else: regression outputs, logits, multi-label sigmoids).
-
-    `activation` is the `output_activation` applied to it (None or "linear": the member's own last
-    layer decides).
-    """
-    target = dict(output_items(model)).get(key)
-    if target is None and position is not None:
-        target = output_items(model)[position][1]
-    units = target.shape[-1] if target is not None and len(target.shape) > 1 else 1
-    if activation not in (None, "linear"):
-        return _kind(activation, units)
-    return _kind(_activation_name(_producing_layer(model, key, position)), units)
-
-
 def temperature_head(mean, temperature: float, kind: str, name: str):
     """softmax(log(p) / T) in the graph, with built-in layers and ops only (p clipped to [1e-7, 1])."""
     p = keras.ops.cast(mean, "float32")
-    if kind == "binary":  # sigmoid((log p - log(1 - p)) / T): the two-class softmax
+    if kind == BINARY:  # sigmoid((log p - log(1 - p)) / T): the two-class softmax
         logits = keras.ops.log(keras.ops.clip(p, EPSILON, 1.0)) - keras.ops.log(
             keras.ops.clip(1.0 - p, EPSILON, 1.0)
         )
@@ -180,39 +130,102 @@ def _two_classes(p):
     return keras.ops.concatenate([1.0 - p, p], axis=-1)
 
 
-def uncertainty_tensors(stack, mean, predictions, weights, kind: str, prefix: str = "") -> dict:
+UNCERTAINTY_INPUT = "uncertainty_members"  # marks the uncertainty block: see is_uncertainty_block
+
+
+def uncertainty_tensors(
+    members, mean, predictions, weights, kind: str, prefix: str = "", name: str = "uncertainty"
+):
     """{measure: (batch,) float32 tensor} from the members' outputs, in the graph.
 
-    `stack` holds the members' outputs after their activation, (B, M, ...); `mean` their
-    (weighted) mean; `predictions` the ensemble's output (after temperature scaling, if any);
-    `weights` one weight per member of the stack. Classifiers: "entropy" of `predictions`,
-    "mutual_information" (entropy of `mean` minus the weighted mean of the members' entropies,
-    clipped at 0) and "disagreement" (the weight of the members whose top-1 class differs from
-    the mean's); regressors: "variance" (around `mean`, averaged over output units).
+    `members` holds the members' outputs after their activation: a list of M tensors (B, ...) or
+    one stacked tensor (B, M, ...); `mean` their (weighted) mean; `predictions` the ensemble's
+    output (after temperature scaling, if any); `weights` one weight per member. Classifiers
+    ("classes" or "binary" `kind`): "entropy" of `predictions`, "mutual_information" (entropy of
+    `mean` minus the weighted mean of the members' entropies, clipped at 0) and "disagreement"
+    (the weight of the members whose top-1 class differs from the mean's); "values": "variance"
+    (around `mean`, averaged over output units).
+
+    The measures are computed inside one nested functional model called `name`, whose inputs
+    are named "uncertainty_members", ...: its ops ("mean", "sum", ...) live in their own
+    namespace, so that no output of the ensemble (an output called "mean", "variance" or
+    "entropy") can clash with them, and export recognises the block by what it is.
     """
     w = np.asarray(weights, dtype="float64")
     w = (w / w.sum()).astype("float32")
-    stack = keras.ops.cast(stack, "float32")
-    mean = keras.ops.cast(mean, "float32")
+
+    def like(tensor, input_name, batch_shape=None):
+        return keras.Input(
+            batch_shape=batch_shape or tuple(tensor.shape), dtype=tensor.dtype, name=input_name
+        )
+
+    if isinstance(members, (list, tuple)):
+        member_inputs = [like(t, f"{UNCERTAINTY_INPUT}_{i + 1}") for i, t in enumerate(members)]
+        stack = keras.ops.stack([keras.ops.cast(t, "float32") for t in member_inputs], axis=1)
+        fed = list(members)
+    else:
+        member_inputs = [like(members, UNCERTAINTY_INPUT)]
+        stack = keras.ops.cast(member_inputs[0], "float32")
+        fed = [members]
+    mean_input = like(mean, "uncertainty_mean")
+    block_inputs = [*member_inputs, mean_input]
+    fed.append(mean)
+    mean_f = keras.ops.cast(mean_input, "float32")
 
     def over_members(tensor):  # (B, M, ...) -> (B, ...), weighted
         return keras.ops.sum(tensor * w.reshape((1, w.size) + (1,) * (len(tensor.shape) - 2)), axis=1)
 
-    if kind == "values":
-        spread = over_members(keras.ops.square(stack - keras.ops.expand_dims(mean, 1)))
-        return {f"{prefix}variance": _per_example(spread)}
-    predictions = keras.ops.cast(predictions, "float32")
-    if kind == "binary":
-        stack, mean, predictions = _two_classes(stack), _two_classes(mean), _two_classes(predictions)
-    members_entropy = over_members(_entropy(stack))
-    top = keras.ops.argmax(stack, axis=-1)
-    ensemble_top = keras.ops.expand_dims(keras.ops.argmax(mean, axis=-1), 1)
-    differs = keras.ops.cast(keras.ops.not_equal(top, ensemble_top), "float32")
-    return {
-        f"{prefix}entropy": _per_example(_entropy(predictions)),
-        f"{prefix}mutual_information": _per_example(keras.ops.maximum(_entropy(mean) - members_entropy, 0.0)),
-        f"{prefix}disagreement": _per_example(over_members(differs)),
-    }
+    if kind == VALUES:
+        spread = over_members(keras.ops.square(stack - keras.ops.expand_dims(mean_f, 1)))
+        measures = {f"{prefix}variance": _per_example(spread)}
+    else:
+        predictions_input = like(predictions, "uncertainty_predictions")
+        block_inputs.append(predictions_input)
+        fed.append(predictions)
+        predictions_f = keras.ops.cast(predictions_input, "float32")
+        if kind == BINARY:
+            stack, mean_f, predictions_f = (
+                _two_classes(stack),
+                _two_classes(mean_f),
+                _two_classes(predictions_f),
+            )
+        members_entropy = over_members(_entropy(stack))
+        top = keras.ops.argmax(stack, axis=-1)
+        ensemble_top = keras.ops.expand_dims(keras.ops.argmax(mean_f, axis=-1), 1)
+        differs = keras.ops.cast(keras.ops.not_equal(top, ensemble_top), "float32")
+        measures = {
+            f"{prefix}entropy": _per_example(_entropy(predictions_f)),
+            f"{prefix}mutual_information": _per_example(
+                keras.ops.maximum(_entropy(mean_f) - members_entropy, 0.0)
+            ),
+            f"{prefix}disagreement": _per_example(over_members(differs)),
+        }
+    block = keras.Model(block_inputs, measures, name=name)
+    return block(fed)
+
+
+def is_uncertainty_block(layer) -> bool:
+    """Whether `layer` is the uncertainty block of `uncertainty_tensors` (by its graph: a nested
+    functional model fed the members' outputs), whatever the outputs are called."""
+    if not isinstance(layer, keras.Model):
+        return False
+    try:
+        names = [tensor.name for tensor in layer.inputs]
+    except (AttributeError, ValueError):
+        return False
+    return bool(names) and all(
+        name.startswith(UNCERTAINTY_INPUT) or name in ("uncertainty_mean", "uncertainty_predictions")
+        for name in names
+    )
+
+
+def unique_name(base: str, taken) -> str:
+    taken = set(taken)
+    name, suffix = base, 1
+    while name in taken:
+        suffix += 1
+        name = f"{base}_{suffix}"
+    return name
 
 
 def abstain_head(inputs, predictions, measures: dict, kind: str, score: str, coverage: float, x_val):
@@ -307,8 +320,8 @@ def _branches(members, kept, keys, taps, weights, uncertainty: bool):
     """The branch graph's means and, for the uncertainty outputs, each output's members stacked."""
     means = mean_tensors(keys, taps, weights)
     stacks = {}
-    if uncertainty:
-        stacks = {key: keras.ops.stack([taps[members[i].name][key] for i in kept], axis=1) for key in keys}
+    if uncertainty:  # the members' taps, stacked inside the uncertainty block
+        stacks = {key: [taps[members[i].name][key] for i in kept] for key in keys}
     return means, stacks
 
 
@@ -342,7 +355,8 @@ def build_ensemble(
     Args:
         snapshots: a snapshot directory written by `SnapshotCallback` (its manifest, ordered by
             cycle), a list of `.keras` paths, or a list of `keras.Model`s (used as they are, not
-            copied: they are renamed `snapshot_XX` and share their weights with the ensemble).
+            copied and never renamed: each is called inside a wrapper named `snapshot_XX` and
+            shares its weights with the ensemble).
         last: keep only the last m snapshots (1 <= m <= M); None keeps all.
         weights: None for the plain mean; one non-negative weight per member kept (normalised to
             sum to 1); or "fit" to fit them on `validation_data` (see `fit_ensemble_weights`); or
@@ -352,7 +366,9 @@ def build_ensemble(
             `last`), and with "greedy" `selection_counts` the counts.
             Members of weight 0 are left out of the model, so they cost nothing at inference.
         output_activation: an activation name applied to every member output before averaging
-            (e.g. "softmax" for logits), or a dict {output name: activation or None}.
+            (e.g. "softmax" for logits), or a dict {output name: activation or None}. It is never
+            applied to an output that already is what it makes (softmax over a softmax output):
+            that output keeps its values, with a UserWarning.
         name: the name of the ensemble model.
         safe_mode: load snapshot files in Keras's safe mode, which refuses Lambda layers holding
             Python code. Pass False only for files you trust.
@@ -389,8 +405,11 @@ def build_ensemble(
             computed on the members as they are (temperature scaling does not change which member
             disagrees, and the raw mean keeps the information decomposition exact). With weights,
             every mean over members is weighted by them. An output is a classifier when it ends in
-            softmax or one sigmoid unit (its last layer, or `output_activation`); several sigmoid
-            units (multi-label) count as values. Works with `fuse=True` (the fused graph computes
+            softmax or one sigmoid unit (a layer, an activation or a `keras.ops` op, or
+            `output_activation`; where the graph cannot tell, its values decide: see
+            docs/guide/inputs.md); several sigmoid units (multi-label) count as values. The
+            measures are computed in one nested block named "uncertainty", so outputs called
+            "mean", "variance" or "entropy" do not clash with them. Works with `fuse=True` (the fused graph computes
             the members' outputs stacked). `export_saved_model` serves the same keys.
         abstain_coverage: a fraction c in (0, 1]: add the output "abstain", (batch,) float32,
             1.0 where `abstain_score` exceeds a threshold t fitted on `validation_data`'s inputs
@@ -472,12 +491,8 @@ def build_ensemble(
             "`validation_data` is only used with weights='fit' or 'greedy', temperature='fit' or "
             "abstain_coverage; drop it or pass one of these."
         )
-    if abstain:
-        x_abstain, _ = check_validation_data(validation_data)
-        rows_of(x_abstain, "validation_data[0]")
-    if fit_temperature:
-        x_val, y_val = check_validation_data(validation_data)
-        y_val = check_targets(y_val, rows_of(x_val, "validation_data[0]"), "validation_data[1]")
+    if fit or fit_temperature or abstain:  # NaN / inf refused before any load, naming the first row
+        x_val, y_val = validation_pair(validation_data)
     if fuse and (reason := keras_internals.fusion_supported()):
         warnings.warn(
             f"fuse=True: {reason}; building the branch graph instead.", RuntimeWarning, stacklevel=2
@@ -504,27 +519,26 @@ def build_ensemble(
             f"{ {key: kinds[key] for key in keys} } (kind 'values' = not probabilities)."
         )
     if temperature is not None:
-        if len(keys) != 1 or kinds[keys[0]] == "values":
+        if len(keys) != 1 or kinds[keys[0]] == VALUES:
             raise ValueError(
                 "Temperature scaling needs a single-output classifier (an output ending in softmax or one "
                 f"sigmoid unit, or output_activation='softmax' for logits); these members have outputs "
                 f"{ {key: kinds[key] for key in keys} } (kind 'values' = not probabilities)."
             )
         if fit_temperature:
-            units = output_items(members[0].model)[0][1].shape[-1] if kinds[keys[0]] == "classes" else 2
+            units = output_items(members[0].model)[0][1].shape[-1] if kinds[keys[0]] == CLASSES else 2
             labels(y_val, len(y_val), units, "validation_data[1]")  # before any prediction
     # The branches are built only where they are used: the branch graph, or the weight fit.
     taps = call_members(members, inputs, keys, activations) if fit or not fuse else None
     stacks = None
     counts = None
     if fit:
-        x_val_w, y_val_w = check_validation_data(validation_data)
-        stacks = predict_taps(members, inputs, keys, taps, x_val_w)  # each member runs once
+        stacks = predict_taps(members, inputs, keys, taps, x_val)  # each member runs once
         if method == "greedy":
-            counts = fitted_weights(stacks, keys, output_struct, y_val_w, None, DEFAULT_MAX_ROUNDS, "greedy")
+            counts = fitted_weights(stacks, keys, output_struct, y_val, None, DEFAULT_MAX_ROUNDS, "greedy")
             weights = counts / counts.sum()
         else:
-            weights = fitted_weights(stacks, keys, output_struct, y_val_w, None, max_iter=1000)
+            weights = fitted_weights(stacks, keys, output_struct, y_val, None, max_iter=1000)
     if weights is None:
         weights = np.full(len(members), 1.0 / len(members))
         equal = True
@@ -545,6 +559,7 @@ def build_ensemble(
                 [float(weights[i]) for i in kept],
                 activations,
                 member_stacks=member_stacks if stacked else None,
+                safe_mode=safe_mode,
             )
         except fusion.FusionUnavailable as error:  # Keras changed what fusion reads: same outputs, branches
             warnings.warn(
@@ -560,7 +575,9 @@ def build_ensemble(
                 p_val = np.tensordot(np.asarray(weights, dtype="float64"), stacks[key], axes=1)
             else:
                 p_val = keras.Model(inputs, means[key]).predict(x_val, verbose=0)
-            temperature = calibration.temperature_from_probabilities(p_val, y_val)
+            temperature = calibration.temperature_from_probabilities(
+                p_val, y_val, dtype=output_dtype(members, key)
+            )
         # The scaled output takes the output's name; the mean before scaling becomes "<key>_mean".
         keras.Model(inputs, means[key]).get_layer(key).name = f"{key}{MEAN_SUFFIX}"
         outputs[key] = temperature_head(means[key], float(temperature), kinds[key], key)
@@ -569,19 +586,22 @@ def build_ensemble(
     single = not isinstance(output_struct, (dict, list, tuple))
     kept_weights = [float(weights[i]) for i in kept]
     measures = {}
+    taken = set(keys) | {tensor.name for tensor in keras.tree.flatten(inputs)}
     for key in keys:
         if key in member_stacks:
             stack, stack_weights = member_stacks[key], kept_weights
         else:  # a fused output every member computes alike
-            stack, stack_weights = keras.ops.expand_dims(means[key], 1), [1.0]
+            stack, stack_weights = [means[key]], [1.0]
+        block = unique_name("uncertainty" if single else f"{key}_uncertainty", taken)
+        taken.add(block)
         measures[key] = uncertainty_tensors(
-            stack, means[key], outputs[key], stack_weights, kinds[key], "" if single else f"{key}_"
+            stack, means[key], outputs[key], stack_weights, kinds[key], "" if single else f"{key}_", block
         )
     named = uncertainty_outputs(keys, single, outputs, measures if uncertainty else {})
     if abstain:
         key = keys[0]
         named[ABSTAIN_KEY if single else f"{key}_{ABSTAIN_KEY}"] = abstain_head(
-            inputs, outputs[key], measures[key], kinds[key], abstain_score, abstain_coverage, x_abstain
+            inputs, outputs[key], measures[key], kinds[key], abstain_score, abstain_coverage, x_val
         )
     return _with_counts(keras.Model(inputs, named, name=name), method, weights, counts)
 

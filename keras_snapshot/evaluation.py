@@ -17,7 +17,8 @@ The metrics are plain numpy functions on predictions already computed (float64 i
 
 `p` is (N, C) probabilities; a binary classifier's single sigmoid unit, (N,) or (N, 1), counts as
 two classes [1 - p, p] (so its Brier score sums over both classes). `y` is integer labels, (N,)
-or (N, 1), or one-hot rows (N, C). `stack` is the members' predictions, (M, N, C) (M members).
+or (N, 1), or one-hot rows (N, C) of any dtype; soft labels, NaN and inf are refused (the rules of
+keras_snapshot.inputs, docs/guide/inputs.md). `stack` is the members' predictions, (M, N, C) (M members).
 The NLL and temperature scaling clip probabilities to [1e-7, 1] before the logarithm, as Keras's
 cross-entropies do; entropies are exact (0 log 0 = 0).
 
@@ -34,45 +35,35 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from keras_snapshot.members import load_members, member_graph, predict_taps, snapshot_sources
-from keras_snapshot.weights import check_validation_data
+from keras_snapshot.calibration import temperature_from_probabilities, temperature_scale
+from keras_snapshot.inputs import (
+    BINARY,
+    CLASSES,
+    EPSILON,
+    check_batch_size,
+    check_probabilities,
+    check_temperature,
+    is_one_hot,
+    labels,
+    looks_like_labels,
+    lowest_precision,
+    member_probabilities,
+    output_kind,
+    probabilities,
+    rows_of,
+    targets,
+    validation_pair,
+)
+from keras_snapshot.members import load_members, member_graph, output_dtype, predict_taps, snapshot_sources
 
 __all__ = ["evaluate_ensemble"]
 
-EPSILON = 1e-7  # probabilities are clipped to [EPSILON, 1] before the NLL's logarithm
+# The names below were defined here before keras_snapshot.inputs held them; kept for importers.
+check_targets = targets
+_check_batch_size = check_batch_size
 
 
 # ---------------------------------------------------------------------------------------- inputs
-def probabilities(p, what: str = "p") -> np.ndarray:
-    """(N, C) float64 class probabilities; one sigmoid unit, (N,) or (N, 1), becomes [1 - p, p]."""
-    p = np.asarray(p, dtype="float64")
-    if p.ndim == 1:
-        p = p[:, None]
-    if p.ndim != 2 or p.shape[1] < 1:
-        raise ValueError(
-            f"`{what}` must be probabilities of shape (N, C), or (N,) / (N, 1) for one sigmoid unit; "
-            f"got shape {p.shape}."
-        )
-    if p.shape[1] == 1:
-        p = np.concatenate([1.0 - p, p], axis=1)
-    return p
-
-
-def member_probabilities(stack, what: str = "stack") -> np.ndarray:
-    """(M, N, C) float64 member probabilities; (M, N) or (M, N, 1) sigmoid units become two classes."""
-    stack = np.asarray(stack, dtype="float64")
-    if stack.ndim == 2:
-        stack = stack[..., None]
-    if stack.ndim != 3 or stack.shape[0] < 1:
-        raise ValueError(
-            f"`{what}` must hold the members' probabilities, shape (M, N, C) (or (M, N, 1) for one "
-            f"sigmoid unit); got shape {stack.shape}."
-        )
-    if stack.shape[2] == 1:
-        stack = np.concatenate([1.0 - stack, stack], axis=2)
-    return stack
-
-
 def member_weights(weights, count: int) -> np.ndarray:
     if weights is None:
         return np.full(count, 1.0 / count)
@@ -82,58 +73,6 @@ def member_weights(weights, count: int) -> np.ndarray:
             f"`weights` must be {count} finite, non-negative numbers with a positive sum, got {weights!r}."
         )
     return w / w.sum()
-
-
-def _integral(y: np.ndarray) -> bool:
-    if np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_):
-        return True
-    if not np.issubdtype(y.dtype, np.floating):
-        return False
-    return bool(np.all(np.isfinite(y)) and np.all(np.mod(y, 1) == 0))
-
-
-def looks_like_labels(y: np.ndarray) -> bool:
-    """Integer class labels, (N,) or (N, 1)."""
-    return (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)) and _integral(y)
-
-
-def is_one_hot(y: np.ndarray) -> bool:
-    return (
-        y.ndim == 2
-        and y.shape[1] > 1
-        and np.issubdtype(y.dtype, np.number)
-        and bool(np.all((y == 0) | (y == 1)))
-        and bool(np.all(y.sum(axis=1) == 1))
-    )
-
-
-def labels(y, count: int, classes: int, what: str = "y") -> np.ndarray:
-    """(N,) int64 labels in [0, classes) from integer labels (N,) / (N, 1) or one-hot rows (N, C)."""
-    y = np.asarray(y)
-    if y.ndim == 0 or y.shape[0] != count:
-        raise ValueError(
-            f"`{what}` has {y.shape[0] if y.ndim else 0} rows but the predictions have {count}: "
-            "pass one label per example."
-        )
-    if y.ndim == 2 and y.shape[1] == classes and classes > 1 and not looks_like_labels(y):
-        if not is_one_hot(y):
-            raise ValueError(
-                f"`{what}` has shape {y.shape}: one-hot rows must hold a single 1 and zeros elsewhere "
-                "(or pass integer labels of shape (N,))."
-            )
-        return np.argmax(y, axis=1).astype("int64")
-    if not looks_like_labels(y):
-        raise ValueError(
-            f"`{what}` must be integer class labels of shape (N,) or (N, 1), or one-hot rows of shape "
-            f"(N, {classes}); got shape {y.shape} and dtype {y.dtype}."
-        )
-    y = y.reshape(-1).astype("int64")
-    if y.size and (y.min() < 0 or y.max() >= classes):
-        raise ValueError(
-            f"`{what}` holds labels in [{y.min()}, {y.max()}], but the predictions have {classes} classes: "
-            f"labels must lie in [0, {classes - 1}]."
-        )
-    return y
 
 
 def _classified(p, y) -> tuple[np.ndarray, np.ndarray]:
@@ -277,46 +216,6 @@ def _check_bins(bins) -> int:
     return int(bins)
 
 
-def check_temperature(temperature):
-    """None, a finite float > 0, or "fit"."""
-    if temperature is None or (isinstance(temperature, str) and temperature == "fit"):
-        return temperature
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"`temperature` must be None, a number > 0 or 'fit', got {temperature!r}.")
-    value = float(temperature)
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"`temperature` must be finite and > 0 (1.0 changes nothing), got {temperature!r}.")
-    return value
-
-
-def rows_of(x, what: str) -> int:
-    """The number of examples in `x`: an array, or a list / dict of arrays of equal length."""
-    leaves = keras.tree.flatten(x) if isinstance(x, (dict, list, tuple)) else [x]
-    counts = set()
-    for leaf in leaves:
-        shape = np.shape(leaf)
-        if not shape:
-            raise ValueError(f"`{what}` must hold arrays with one row per example, got a scalar.")
-        counts.add(shape[0])
-    if len(counts) != 1:
-        raise ValueError(f"The arrays of `{what}` have different lengths: {sorted(counts)}.")
-    return counts.pop()
-
-
-def check_targets(y, count: int, what: str) -> np.ndarray:
-    y = np.asarray(y)
-    if y.ndim == 0 or y.shape[0] != count:
-        raise ValueError(
-            f"`{what}` has {y.shape[0] if y.ndim else 0} rows but the inputs have {count}: pass one target "
-            "per example."
-        )
-    if not np.issubdtype(y.dtype, np.number) and not np.issubdtype(y.dtype, np.bool_):
-        raise TypeError(f"`{what}` must be numeric, got dtype {y.dtype}.")
-    if not np.all(np.isfinite(y)):
-        raise ValueError(f"`{what}` holds NaN or infinite values.")
-    return y
-
-
 def _check_ood(ood, x) -> None:
     """`ood` must hold rows shaped like those of `x` (the same structure and per-row shapes)."""
 
@@ -335,34 +234,15 @@ def _check_ood(ood, x) -> None:
         )
 
 
-def _check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
-    return int(batch_size)
-
-
 # ---------------------------------------------------------------------------------------- tasks
 def task_of(kind: str, classes: int, y: np.ndarray) -> str:
     """ "classification" or "regression", from the output's kind (see `ensemble.output_kind`),
     its number of units and the targets."""
-    if kind in ("classes", "binary"):
+    if kind in (CLASSES, BINARY):
         return "classification"
     if classes > 1 and (looks_like_labels(y) or (y.ndim == 2 and y.shape[1] == classes and is_one_hot(y))):
         return "classification"  # probabilities made some other way, or logits (refused later)
     return "regression"
-
-
-def check_probabilities(stack: np.ndarray, activation_hint: str) -> None:
-    """Refuses outputs that are not probabilities (logits), naming the fix."""
-    finite = bool(np.all(np.isfinite(stack)))
-    inside = finite and bool(np.all(stack >= -1e-6) and np.all(stack <= 1 + 1e-6))
-    normalised = stack.shape[-1] == 1 or (inside and np.allclose(stack.sum(axis=-1), 1.0, atol=1e-3))
-    if not (inside and normalised):
-        raise ValueError(
-            "The members' outputs are not probabilities (values outside [0, 1], or rows that do not sum "
-            "to 1): they look like logits. Pass "
-            f"output_activation={activation_hint!r} so that probabilities are evaluated."
-        )
 
 
 # ---------------------------------------------------------------------------------------- public
@@ -417,8 +297,10 @@ def evaluate_ensemble(
     Args:
         snapshots: a snapshot directory, a list of `.keras` paths or a list of `keras.Model`s.
         x: test inputs (an array, or a list / dict matching the members' inputs).
-        y: test targets: integer labels (N,) or (N, 1), or one-hot rows (N, C); regression
-            targets of the outputs' shape.
+        y: test targets: integer labels (N,) or (N, 1), or one-hot rows (N, C) of any dtype
+            (soft labels are refused: error and ECE need one true class); regression targets of
+            the outputs' shape. NaN or inf in `x`, `y` or the validation data is refused, naming
+            the count and the first row.
         last: evaluate only the last m snapshots.
         temperature: None, a float > 0, or "fit" (needs `validation_data`).
         validation_data: (x_val, y_val), held-out validation data for `temperature="fit"`.
@@ -453,12 +335,9 @@ def evaluate_ensemble(
         print(row["model"], row["error"], row["nll"], row["nll_ts"], row["temperature"])
     ```
     """
-    from keras_snapshot.calibration import temperature_from_probabilities, temperature_scale
-    from keras_snapshot.ensemble import output_kind
-
     if not isinstance(safe_mode, bool):
         raise TypeError(f"`safe_mode` must be True or False, got {safe_mode!r}.")
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     bins = _check_bins(bins)
     temperature = check_temperature(temperature)
     fit = temperature == "fit"
@@ -477,12 +356,11 @@ def evaluate_ensemble(
             f"takes single-output members), got {output_activation!r}."
         )
     snapshot_sources(snapshots, last)  # a bad `last` fails before any load
-    y = check_targets(y, rows_of(x, "x"), "y")
+    y = targets(y, rows_of(x, "x"), "y")  # NaN / inf in x or y refused here, naming the first row
     if ood is not None:
-        _check_ood(ood, x)
+        _check_ood(ood, x)  # NaN / inf refused by its rows_of
     if fit:
-        x_val, y_val = check_validation_data(validation_data)
-        y_val = check_targets(y_val, rows_of(x_val, "validation_data[0]"), "validation_data[1]")
+        x_val, y_val = validation_pair(validation_data)
     members = load_members(snapshots, last, safe_mode)
     inputs, keys, _, taps = member_graph(members, output_activation)
     if len(keys) != 1:
@@ -494,6 +372,7 @@ def evaluate_ensemble(
     tap = taps[members[0].name][key]
     classes = int(tap.shape[-1]) if len(tap.shape) > 1 and tap.shape[-1] is not None else 1
     kind = output_kind(members[0].model, key, output_activation, position=0)
+    dtype = lowest_precision([output_dtype(members, key), tap.dtype])  # float16 members: looser rows
     task = task_of(kind, classes, y)
     if task == "classification":
         if len(tap.shape) != 2:
@@ -516,7 +395,7 @@ def evaluate_ensemble(
     if task == "regression":
         mse(stack[0], y)  # the targets' shape, before any row
     else:
-        check_probabilities(stack, "softmax" if classes > 1 else "sigmoid")
+        check_probabilities(stack, "softmax" if classes > 1 else "sigmoid", dtype)
     candidates = [(member.name, None, stack[i]) for i, member in enumerate(members)]
     candidates += [
         (f"ensemble of last {m}", m, stack[len(members) - m :].mean(axis=0))
@@ -524,10 +403,10 @@ def evaluate_ensemble(
     ]
     if ood is not None:
         ood_stack = predict_taps(members, inputs, keys, taps, ood, batch_size)[key]
-        check_probabilities(ood_stack, "softmax" if classes > 1 else "sigmoid")
+        check_probabilities(ood_stack, "softmax" if classes > 1 else "sigmoid", dtype)
     if fit:
         val_stack = predict_taps(members, inputs, keys, taps, x_val, batch_size)[key]
-        check_probabilities(val_stack, "softmax" if classes > 1 else "sigmoid")
+        check_probabilities(val_stack, "softmax" if classes > 1 else "sigmoid", dtype)
         val_candidates = [val_stack[i] for i in range(len(members))]
         val_candidates += [val_stack[len(members) - m :].mean(axis=0) for m in range(1, len(members) + 1)]
 
@@ -539,7 +418,11 @@ def evaluate_ensemble(
         else:
             row.update(classifier_metrics(p, y, bins))
             if temperature is not None:
-                t = temperature_from_probabilities(val_candidates[index], y_val) if fit else temperature
+                t = (
+                    temperature_from_probabilities(val_candidates[index], y_val, dtype=dtype)
+                    if fit
+                    else temperature
+                )
                 row["temperature"] = float(t)
                 scaled = classifier_metrics(temperature_scale(p, t), y, bins)
                 row.update({f"{metric}_ts": value for metric, value in scaled.items()})

@@ -13,17 +13,16 @@ from pathlib import Path
 import keras
 
 from keras_snapshot.ensemble import (
-    CLASSIFIER_MEASURES,
     MEAN_SUFFIX,
     PREDICTIONS_KEY,
-    REGRESSOR_MEASURES,
+    is_uncertainty_block,
     member_output_tensors,
     member_weights_of,
-    output_kind,
     uncertainty_tensors,
+    unique_name,
 )
+from keras_snapshot.inputs import output_items, output_kind, structures
 from keras_snapshot.manifest import TEMP_PREFIX
-from keras_snapshot.members import output_items, structures
 
 __all__ = ["export_saved_model"]
 
@@ -97,7 +96,7 @@ def _serving_model(model: keras.Model, member_outputs: bool, uncertainty: bool =
         # clients need a key that never does.
         named_outputs = {SINGLE_OUTPUT_KEY: items[0][1]}
     # A model from build_ensemble(..., uncertainty=True) already has its uncertainty outputs.
-    built_in = _has_uncertainty(named_outputs)
+    built_in = _has_uncertainty(model, named_outputs)
     taps = None
     if member_outputs or (uncertainty and not built_in):
         try:
@@ -136,9 +135,12 @@ def _serving_model(model: keras.Model, member_outputs: bool, uncertainty: bool =
     return view, signature
 
 
-def _has_uncertainty(named_outputs: dict) -> bool:
-    measures = CLASSIFIER_MEASURES + REGRESSOR_MEASURES
-    return any(key in measures or key.endswith(tuple(f"_{m}" for m in measures)) for key in named_outputs)
+def _has_uncertainty(model: keras.Model, named_outputs: dict | None = None) -> bool:
+    """Whether an output of `model` comes from an uncertainty block (build_ensemble(...,
+    uncertainty=True)): decided by the graph, never by what the outputs are called, so that an
+    output named "log_variance" or "max_entropy" is just an output."""
+    del named_outputs  # what they are called says nothing
+    return any(is_uncertainty_block(layer) for layer in model.layers)
 
 
 def _uncertainty(model, taps, member_keys, named_outputs, items, outputs) -> dict:
@@ -147,6 +149,7 @@ def _uncertainty(model, taps, member_keys, named_outputs, items, outputs) -> dic
     plain = not isinstance(outputs, (dict, list, tuple))
     ensemble_outputs = {items[0][0]: items[0][1]} if plain else dict(items)
     result = {}
+    taken = {layer.name for layer in model.layers}
     for position, key in enumerate(member_keys):
         if key not in ensemble_outputs:
             raise ValueError(
@@ -161,10 +164,19 @@ def _uncertainty(model, taps, member_keys, named_outputs, items, outputs) -> dic
         tap_layer = model.get_layer(f"{members[0]}_{key}")
         activation = getattr(tap_layer.activation, "__name__", None)
         kind = output_kind(model.get_layer(members[0]), key, activation, position)
-        stack = keras.ops.stack([taps[member][key] for member in members], axis=1)
         weights = member_weights_of(model, members, key)
+        block = unique_name("uncertainty" if plain else f"{key}_uncertainty", taken)
+        taken.add(block)
         result.update(
-            uncertainty_tensors(stack, mean, predictions, weights, kind, "" if plain else f"{key}_")
+            uncertainty_tensors(
+                [taps[member][key] for member in members],
+                mean,
+                predictions,
+                weights,
+                kind,
+                "" if plain else f"{key}_",
+                block,
+            )
         )
     return result
 

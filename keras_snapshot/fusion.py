@@ -20,6 +20,8 @@ see shared tensors run once, unstacked.
 
 from __future__ import annotations
 
+import inspect
+
 import keras
 import numpy as np
 
@@ -110,7 +112,8 @@ SUPPORTED = (
     "Dense, Conv1D/2D/3D, DepthwiseConv1D/2D, BatchNormalization, Embedding (mask_zero=False), "
     "pooling, global pooling, padding, cropping, up-sampling (channels_last), Flatten, Reshape, "
     "Permute, Concatenate, Add/Subtract/Multiply/Average/Maximum/Minimum, Activation, Softmax, ReLU, "
-    "LeakyReLU, ELU, Rescaling, dropout and noise layers, nested functional/Sequential models, and "
+    "LeakyReLU, ELU, Rescaling, keras.ops.softmax/sigmoid, dropout and noise layers, nested "
+    "functional/Sequential models, and "
     "any layer whose weights are identical in every member and whose inputs are the model's inputs"
 )
 SHARED, STACKED, MEMBER, BROKEN = "shared", "stacked", "member", "broken"
@@ -183,7 +186,9 @@ def _signature(model) -> list:
         if _is_model(op):
             signature.append((type(op).__name__, _signature(op)))
         else:
-            signature.append((type(op).__name__, repr(_config(op)), [tuple(w.shape) for w in op.weights]))
+            signature.append(
+                (type(op).__name__, repr(_config(op)), [tuple(w.shape) for w in getattr(op, "weights", [])])
+            )
     nodes = keras_internals.nodes_by_depth(functional)
     for depth in sorted(nodes, reverse=True):
         for node in nodes[depth]:
@@ -210,8 +215,9 @@ def _peers(models) -> dict[int, list]:
 
 # ------------------------------------------------------------------------------------- the builder
 class _Fuser:
-    def __init__(self, models, labels, taken):
+    def __init__(self, models, labels, taken, safe_mode: bool = True):
         self.models = models
+        self.safe_mode = safe_mode
         self.count = len(models)
         reference = _signature(models[0])
         for model, label in zip(models[1:], labels[1:], strict=True):
@@ -280,6 +286,9 @@ class _Fuser:
         config = op.get_config()
         config.update(changes)
         config["name"] = self.name(changes.get("name", op.name))
+        # Layers that run code (Lambda) take the caller's safe_mode, as loading the files did.
+        if "safe_mode" in inspect.signature(type(op).from_config).parameters:
+            return type(op).from_config(config, safe_mode=self.safe_mode)
         return type(op).from_config(config)
 
     def activate(self, t: _T, activation, base: str) -> _T:
@@ -376,11 +385,25 @@ class _Fuser:
             return self.depthwise
         if isinstance(op, keras.layers.Embedding):
             return self.embedding
+        if not isinstance(op, keras.layers.Layer) and type(op).__name__ in ("Softmax", "Sigmoid"):
+            return self.activation_op  # keras.ops.softmax / sigmoid applied in a functional model
         return None
 
     # -------------------------------------------------------------------- layer rules
     def activation_layer(self, op, t):
         return self.activate(t, op.get_config()["activation"], op.name)
+
+    def activation_op(self, op, t):
+        if type(op).__name__ == "Sigmoid":
+            return self.activate(t, "sigmoid", op.name)
+        axis = getattr(op, "axis", -1)
+        axes = axis if isinstance(axis, (list, tuple)) else [axis]
+        t = self.to_member(t)
+        moved = [a if a < 0 else a + 1 for a in axes]
+        layer = keras.layers.Softmax(
+            axis=moved if isinstance(axis, (list, tuple)) else moved[0], name=self.name(op.name)
+        )
+        return _T(layer(t.tensor), MEMBER)
 
     def elementwise(self, op, t):
         return _T(self.fresh(op)(t.tensor), t.layout)
@@ -526,7 +549,9 @@ class _Fuser:
         return _T(x, STACKED)
 
 
-def fuse_members(models, labels, inputs, keys, weights, activations, member_stacks=None) -> dict:
+def fuse_members(
+    models, labels, inputs, keys, weights, activations, member_stacks=None, safe_mode: bool = True
+) -> dict:
     """{output key: the weighted mean of `models`' outputs}, computed with stacked layers.
 
     `inputs` are the ensemble's fresh `keras.Input`s (the members' structure), `keys` the
@@ -534,12 +559,14 @@ def fuse_members(models, labels, inputs, keys, weights, activations, member_stac
     {key: activation name or None} applied to each member output before averaging.
     `member_stacks`, if a dict, receives {key: the members' activated outputs, (B, M, ...)}
     (for uncertainty outputs); keys whose output every member computes alike are left out.
+    `safe_mode` is the caller's (build_ensemble's): layers re-created from their config (a Lambda
+    shared by every member) are deserialized under it, as the members' files were.
     """
     reason = keras_internals.fusion_supported()
     if reason is not None:
         raise FusionUnavailable(_unavailable(reason))
     try:
-        return _fuse(models, labels, inputs, keys, weights, activations, member_stacks)
+        return _fuse(models, labels, inputs, keys, weights, activations, member_stacks, safe_mode)
     except keras_internals.KerasInternalsError as error:
         raise FusionUnavailable(_unavailable(str(error))) from error
 
@@ -551,9 +578,11 @@ def _unavailable(reason: str) -> str:
     )
 
 
-def _fuse(models, labels, inputs, keys, weights, activations, member_stacks=None) -> dict:
+def _fuse(models, labels, inputs, keys, weights, activations, member_stacks=None, safe_mode=True) -> dict:
     # The combined outputs carry the members' output names, so no other layer may take them.
-    fuser = _Fuser(models, labels, taken=[x.name for x in keras.tree.flatten(inputs)] + keys)
+    fuser = _Fuser(
+        models, labels, taken=[x.name for x in keras.tree.flatten(inputs)] + keys, safe_mode=safe_mode
+    )
     flat_inputs = [_T(x, SHARED) for x in keras.tree.flatten(inputs)]
     outputs = fuser.run(models[0], flat_inputs)
     if isinstance(outputs, dict):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numbers
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,18 +15,52 @@ import keras
 import numpy as np
 
 from keras_snapshot import manifest as manifest_lib
+from keras_snapshot.inputs import (
+    check_activation,
+    check_outputs_finite,
+    flat_items,
+    input_items,
+    lowest_precision,
+    output_items,
+    output_names,
+    structures,
+)
 
 MEMBER_PREFIX = "snapshot_"
 
 
 # ---------------------------------------------------------------------------------------- sources
 class Member:
-    """A loaded member: its model, its name in the ensemble, and how to name it in messages."""
+    """A loaded member: its model, its name in the ensemble, and how to name it in messages.
 
-    def __init__(self, model: keras.Model, name: str, label: str):
+    `owned` is True for a model this package loaded from a file (it may be renamed); a model the
+    user passed in is never renamed or changed: it is called inside a wrapper named `name`.
+    """
+
+    def __init__(self, model: keras.Model, name: str, label: str, owned: bool = False):
         self.model = model
         self.name = name
         self.label = label
+        self.owned = owned
+        self._node = None
+
+    def node(self) -> keras.Model:
+        """The model to call in an ensemble graph, named `self.name` (built once)."""
+        if self.owned:  # our own copy, loaded from its file: identical saved names would clash
+            self.model.name = self.name
+            self._node = self.model
+        if self._node is None:
+            inputs = keras.tree.map_structure(
+                lambda tensor: keras.Input(
+                    batch_shape=tuple(tensor.shape),
+                    dtype=tensor.dtype,
+                    sparse=bool(getattr(tensor, "sparse", False)),
+                    name=tensor.name,
+                ),
+                structures(self.model, self.label)[0],
+            )
+            self._node = keras.Model(inputs, self.model(inputs), name=self.name)
+        return self._node
 
 
 def check_last(last, available: int, where: str) -> int:
@@ -261,63 +294,20 @@ def load_members(snapshots, last: int | None = None, safe_mode: bool = True) -> 
             model = source
         else:
             model = load_model(source, safe_mode)  # each file is loaded exactly once
-        members.append(Member(model, name, label))
+        members.append(Member(model, name, label, owned=not isinstance(source, keras.Model)))
     return members
 
 
 # ---------------------------------------------------------------------------------------- structure
-def structures(model: keras.Model, label: str):
-    """(inputs, outputs) of a member as it was built: a tensor, a list or a dict of KerasTensors."""
-    try:
-        if isinstance(model, keras.Sequential):
-            return model.inputs[0], model.outputs[0]
-        inputs, outputs = model.input, model.output
-        if not isinstance(model.inputs, list) or not model.inputs:
-            raise AttributeError
-        # Keras 3.10 saves a single input (output) as a one-item list and its files reload that
-        # way on every later version; 3.11+ unwrap it. Both are the same model: use the tensor.
-        inputs, outputs = _unwrap_single(inputs), _unwrap_single(outputs)
-    except (AttributeError, ValueError):
-        raise ValueError(
-            f"{label} has no symbolic inputs: members must be functional or Sequential models built on "
-            "keras.Input (subclassed models cannot be combined into one graph)."
-        ) from None
-    return inputs, outputs
-
-
-def _unwrap_single(struct):
-    return struct[0] if isinstance(struct, (list, tuple)) and len(struct) == 1 else struct
-
-
-def flat_items(struct, names: Sequence[str], what: str, label: str) -> list[tuple[str, object]]:
-    """[(key, tensor)] of a tensor, a flat list or a flat dict: dict keys, else the layer names."""
-    if isinstance(struct, dict):
-        items = list(struct.items())
-    elif isinstance(struct, (list, tuple)):
-        items = list(zip(names, struct, strict=True))
-    else:
-        items = [(names[0], struct)]
-    if any(isinstance(value, (dict, list, tuple)) for _, value in items):
-        raise ValueError(
-            f"{label} has nested {what}; build_ensemble supports a tensor, a list or a dict of tensors."
-        )
-    return [(str(key), value) for key, value in items]
-
-
-def output_names(model: keras.Model) -> list[str]:
-    if isinstance(model, keras.Sequential):
-        return [model.layers[-1].name]
-    return list(model.output_names)
-
-
-def output_items(model: keras.Model, label: str = "the model") -> list[tuple[str, object]]:
-    return flat_items(structures(model, label)[1], output_names(model), "outputs", label)
-
-
-def input_items(model: keras.Model, label: str = "the model") -> list[tuple[str, object]]:
-    inputs = structures(model, label)[0]
-    names = [tensor.name for tensor in keras.tree.flatten(inputs)]
-    return flat_items(inputs, names, "inputs", label)
+# The structure helpers live in keras_snapshot.inputs (the bottom module); re-exported here for
+# the modules that read members.
+__all__ = [
+    "flat_items",
+    "input_items",
+    "output_items",
+    "output_names",
+    "structures",
+]
 
 
 def _signature(member: Member) -> dict[str, str]:
@@ -384,33 +374,10 @@ def resolve_activations(output_activation, keys: list[str], members: list[Member
             raise ValueError(
                 f"`output_activation` {name!r} is not a Keras activation; use e.g. 'softmax' or 'sigmoid'."
             ) from None
-        # Softmax over probabilities is not an error Keras would catch, only a flatter average.
-        last_layer = _last_layer(members[0].model, key)
-        current = getattr(getattr(last_layer, "activation", None), "__name__", None)
-        if current == name:
-            warnings.warn(
-                f"The members' output {key!r} already ends in {name}; output_activation={name!r} applies "
-                "it a second time. Pass output_activation only when the members output logits.",
-                UserWarning,
-                stacklevel=4,
-            )
+    # Softmax over probabilities is never applied twice: the output already is a distribution.
+    for position, key in enumerate(keys):
+        per_key[key] = check_activation(members[0].model, key, per_key[key], position)
     return per_key
-
-
-def _last_layer(model: keras.Model, key: str):
-    try:
-        if isinstance(model, keras.Sequential):
-            return model.layers[-1]
-        target = dict(output_items(model))[key]
-        for layer in reversed(model.layers):
-            try:
-                if layer.output is target:
-                    return layer
-            except (AttributeError, ValueError):  # a layer called more than once has no single output
-                continue
-    except Exception:  # only used for a warning
-        return None
-    return None
 
 
 # ---------------------------------------------------------------------------------------- running the members
@@ -437,9 +404,9 @@ def call_members(members: list[Member], inputs, keys, activations) -> dict[str, 
     """Every member called on `inputs`: {member name: {key: its output after the activation}}."""
     taps = {}
     for member in members:
-        # A member keeps the name it was saved with; identical names would clash in one graph.
-        member.model.name = member.name
-        outputs = member.model(inputs)
+        # Members saved alike share a name, which would clash in one graph: each is called under its
+        # ensemble name (a user's in-memory model through a wrapper, so that it keeps its own).
+        outputs = member.node()(inputs)
         items = flat_items(outputs, keys, "outputs", member.label)
         taps[member.name] = {
             key: keras.layers.Activation(activations[key] or "linear", name=f"{member.name}_{key}")(tensor)
@@ -476,7 +443,19 @@ def predict_taps(
     flat = [member_taps[member.name][key] for member in members for key in keys]
     outputs = keras.Model(inputs, flat).predict(x, batch_size=batch_size, verbose=0)
     outputs = [np.asarray(p, dtype="float64") for p in keras.tree.flatten(outputs)]
-    return {
+    stacks = {
         key: np.stack([outputs[m * len(keys) + index] for m in range(len(members))])
         for index, key in enumerate(keys)
     }
+    for key, stack in stacks.items():  # the inputs are finite by now: NaN comes from a member
+        check_outputs_finite(stack, [member.label for member in members], f"output {key!r}")
+    return stacks
+
+
+def output_dtype(members: list[Member], key: str) -> str:
+    """The loosest dtype of the members' output `key` (float16 members get float16's tolerance)."""
+    dtypes = []
+    for member in members:
+        found = dict(output_items(member.model, member.label)).get(key)
+        dtypes.append(getattr(found, "dtype", None))
+    return lowest_precision(dtypes)

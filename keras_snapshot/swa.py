@@ -19,11 +19,11 @@ from keras_snapshot.averaging import (
     RELATIVE_TOLERANCE,
     AveragingWarning,
     _batch_norms,
-    _class_labels,
     _scores,
     recompute_batch_norm,
 )
 from keras_snapshot.callback import SnapshotCallback, _is_chief
+from keras_snapshot.inputs import check_probabilities, input_arrays, labels, validation_pair
 
 __all__ = ["StochasticWeightAveraging"]
 
@@ -175,14 +175,10 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             average_every = _check_int("average_every", average_every, 1)
         self.average_every = average_every
         if bn_data is not None:
-            from keras_snapshot.distillation import as_arrays  # one definition of "in-memory arrays"
-
-            bn_data, _ = as_arrays(bn_data, "bn_data")
+            bn_data, _ = input_arrays(bn_data, "bn_data")  # NaN / inf refused up front
         self.bn_data = bn_data
         if validation_data is not None:
-            from keras_snapshot.weights import check_validation_data
-
-            validation_data = check_validation_data(validation_data)
+            validation_data = validation_pair(validation_data)
         self.validation_data = validation_data
         if directory is not None:
             if not isinstance(directory, (str, os.PathLike)) or not str(directory):
@@ -609,16 +605,10 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             raise ValueError(
                 f"`validation_data` is supported for models with one output; this one has {len(p)}."
             )
+        dtype = keras.backend.standardize_dtype(p[0].dtype)
         p = np.asarray(p[0], dtype="float64")
-        classes = p.shape[-1] if p.ndim == 2 else 1
-        if (
-            p.ndim != 2
-            or np.any(p < -1e-6)
-            or np.any(p > 1 + 1e-6)
-            or (classes > 1 and np.max(np.abs(p.sum(axis=-1) - 1)) > 1e-3)
-        ):
-            raise ValueError(
-                "The model's outputs are not class probabilities (N, C), so the validation NLL is undefined: "
-                "`validation_data` needs a model that ends in softmax (or one sigmoid unit)."
-            )
-        return _scores(p, _class_labels(y_val, classes, len(p)))
+        classes = p.shape[-1] if p.ndim == 2 and p.shape[-1] > 1 else 1
+        # The validation NLL needs class probabilities (N, C) or one sigmoid unit.
+        hint = "softmax" if classes > 1 else "sigmoid"
+        check_probabilities(p.reshape(len(p), -1)[None], hint, dtype, what="The model's outputs")
+        return _scores(p, labels(y_val, len(p), max(classes, 2), "validation_data[1]"))

@@ -9,7 +9,8 @@ from collections.abc import Callable, Sequence
 import keras
 import numpy as np
 
-from keras_snapshot.members import load_members, member_predictions, snapshot_sources, structures
+from keras_snapshot.inputs import distributions, labels, structures, validation_pair
+from keras_snapshot.members import load_members, member_predictions, snapshot_sources
 from keras_snapshot.selection import DEFAULT_MAX_ROUNDS, greedy_counts
 
 __all__ = ["fit_ensemble_weights"]
@@ -76,14 +77,17 @@ def objective(loss, stack: np.ndarray, y: np.ndarray, key: str) -> Callable[[np.
 
     name = loss_name(loss, stack, y, key)
     if name == "sparse_categorical_crossentropy":
-        labels = y.reshape(stack.shape[1:-1]).astype("int64")
-        if labels.min() < 0 or labels.max() >= stack.shape[-1]:
-            raise ValueError(
-                f"The labels of output {key!r} must lie in [0, {stack.shape[-1] - 1}], got "
-                f"[{labels.min()}, {labels.max()}]."
-            )
+        if stack.ndim == 3:  # (M, N, C): the shared label rules (integer or one-hot rows of any dtype)
+            indices = labels(y, stack.shape[1], stack.shape[-1], f"y_val for output {key!r}")
+        else:
+            indices = y.reshape(stack.shape[1:-1]).astype("int64")
+            if indices.min() < 0 or indices.max() >= stack.shape[-1]:
+                raise ValueError(
+                    f"The labels of output {key!r} must lie in [0, {stack.shape[-1] - 1}], got "
+                    f"[{indices.min()}, {indices.max()}]."
+                )
         # Only the true class's probability matters: gather it once.
-        picked = np.take_along_axis(stack, labels[None, ..., None], axis=-1)[..., 0].reshape(
+        picked = np.take_along_axis(stack, indices[None, ..., None], axis=-1)[..., 0].reshape(
             stack.shape[0], -1
         )
 
@@ -97,6 +101,8 @@ def objective(loss, stack: np.ndarray, y: np.ndarray, key: str) -> Callable[[np.
             f"`y_val` for output {key!r} has shape {y.shape}, the predictions {stack.shape[1:]}: "
             f"{name} needs targets of the predictions' shape."
         )
+    if name == "categorical_crossentropy" and stack.ndim == 3:  # one-hot (any dtype) or soft rows
+        y = distributions(y, stack.shape[1], stack.shape[-1], f"y_val for output {key!r}")[0]
     flat = stack.reshape(stack.shape[0], -1)
     target = y.reshape(-1).astype("float64")
     rows = stack[0].size // stack.shape[-1]  # losses are means over samples, not over classes
@@ -194,13 +200,7 @@ def fit_simplex(objectives: list[Callable], count: int, max_iter: int, tolerance
     return w
 
 
-def check_validation_data(validation_data) -> tuple:
-    if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
-        raise TypeError(
-            "`validation_data` must be a tuple (x_val, y_val) of held-out validation data (never the test "
-            f"set), got {type(validation_data).__name__}."
-        )
-    return tuple(validation_data)
+check_validation_data = validation_pair  # (x_val, y_val), NaN / inf refused: see keras_snapshot.inputs
 
 
 def fitted_weights(
@@ -327,7 +327,7 @@ def fit_ensemble_weights(
     ):
         raise ValueError(f"`loss` must be one of {sorted(NAMED_LOSSES)}, a function or None, got {loss!r}.")
     snapshot_sources(snapshots, last)  # a bad `last` fails before any load
-    x_val, y_val = check_validation_data(validation_data)
+    x_val, y_val = validation_pair(validation_data, rows=False)  # NaN / inf refused, naming the first row
     members = load_members(snapshots, last, safe_mode)
     output_struct = structures(members[0].model, members[0].label)[1]
     keys, stacks = member_predictions(

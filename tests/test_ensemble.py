@@ -136,7 +136,12 @@ def test_last_and_weights_together_with_model_objects(digits_run, digits):
     np.testing.assert_allclose(
         predict(ensemble, x_test), 0.75 * expected[1] + 0.25 * expected[2], atol=TOLERANCE
     )
-    assert [m.name for m in models[1:]] == ["snapshot_02", "snapshot_03"]  # used in place, renamed
+    # Used in place (weights shared) but never renamed: each is called inside a wrapper named snapshot_XX.
+    assert [m.name for m in models] == ["digits_mlp"] * 3
+    assert [layer.name for layer in ensemble.layers if isinstance(layer, keras.Model)] == [
+        "snapshot_02",
+        "snapshot_03",
+    ]
 
 
 @pytest.mark.parametrize("weights", [None, [0.2, 0.3, 0.5]])
