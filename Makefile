@@ -20,8 +20,8 @@ LOWEST_STAMP := $(LOWEST_VENV)/.installed
 LOWEST_CONSTRAINTS := constraints/keras-lowest.txt
 LOWEST_BACKENDS ?= tensorflow jax
 LOWEST_TESTS ?= tests/test_callback.py tests/test_schedule.py tests/test_resume.py tests/test_keras_internals.py \
-  tests/test_other_callbacks.py tests/test_manifest.py tests/test_step_updates.py
-LOWEST_TF_TESTS ?= tests/test_ensemble.py tests/test_fusion.py tests/test_export.py
+  tests/test_other_callbacks.py tests/test_manifest.py tests/test_step_updates.py tests/test_swa.py
+LOWEST_TF_TESTS ?= tests/test_ensemble.py tests/test_fusion.py tests/test_export.py tests/test_abstain.py
 
 # One line with the versions a pass runs on (from the installed packages' metadata: nothing is imported).
 VERSIONS_PY := import importlib.metadata as md, platform; \
