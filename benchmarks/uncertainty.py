@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     command = _common.command_line()
     markdown = (
         f"# Which uncertainty score for which job ({'quick smoke run' if args.quick else 'measurement'})\n\n"
-        f"- command: `KERAS_BACKEND={keras.backend.backend()} {command}`\n"
+        f"Command: `KERAS_BACKEND={keras.backend.backend()} {command}`\n\n"
         f"- {len(args.seeds)} seed(s) {args.seeds}; {args.train_size} training images of classes {IN_CLASSES}, "
         f"MLP {args.width}-{args.width // 2}, {args.epochs} epochs, M = {args.cycles}, alpha0 {args.alpha0}; "
         f"ID test {len(data[2][0])} rows, near-OOD {len(data[3])}, far-OOD {len(data[4])}; "

@@ -36,6 +36,7 @@ from keras_snapshot.inputs import (
     labels,
     output_items,
     output_kind,
+    rows_of,
     validation_pair,
 )
 from keras_snapshot.members import (
@@ -488,11 +489,18 @@ def build_ensemble(
             )
     if not (fit or fit_temperature or abstain) and validation_data is not None:
         raise ValueError(
-            "`validation_data` is only used with weights='fit' or 'greedy', temperature='fit' or "
-            "abstain_coverage; drop it or pass one of these."
+            "`validation_data` is only used with weights='fit' or temperature='fit' (or weights='greedy', "
+            "abstain_coverage); drop it or pass one of these."
         )
-    if fit or fit_temperature or abstain:  # NaN / inf refused before any load, naming the first row
+    if fit or fit_temperature:  # NaN / inf refused before any load, naming the first row
         x_val, y_val = validation_pair(validation_data)
+    elif abstain:  # the threshold needs only the inputs: (x_val, None) is enough
+        pair = isinstance(validation_data, (tuple, list)) and len(validation_data) == 2
+        if pair and validation_data[1] is None:
+            x_val = validation_data[0]
+            rows_of(x_val, "validation_data[0]")
+        else:
+            x_val, _ = validation_pair(validation_data)
     if fuse and (reason := keras_internals.fusion_supported()):
         warnings.warn(
             f"fuse=True: {reason}; building the branch graph instead.", RuntimeWarning, stacklevel=2
