@@ -17,9 +17,12 @@ Then, per seed, an evaluation run on the selected configuration (keras_snapshot'
   and the snapshot ensemble, before and after temperature scaling with T fitted on the validation split;
 - selective prediction: test error of the 80% most certain test images, the ensemble ranked by its mutual
   information (build_ensemble(uncertainty=True)) or its max probability, the single model by its max probability;
-- "distilled student (1x cost)": keras_snapshot.distill from the snapshot ensemble on the training inputs
-  (labels mixed in), --distill-epochs epochs with the single model's recipe (SGD + Nesterov, rate 0.1 dropped
-  x0.1 at 50% and 75%), counted in the table;
+- "distilled student (1x cost)": keras_snapshot.distill from the snapshot ensemble on the training inputs,
+  --distill-epochs epochs, counted in the table, one row per --students variant: "defaults" is
+  distill(teacher, x_train, epochs=E) with no optional argument (what a user gets), "labels" adds only
+  y=y_train, "tuned" says what it changes (labels + the single model's SGD step schedule, or with
+  --student-init snapshot a fine-tune of the last snapshot); each with its recovery ratio
+  (single - student) / (single - ensemble) of test errors per seed, and its validation error;
 - "weight average (1x cost)": keras_snapshot.average_weights (batch-norm statistics recomputed on the training
   inputs, guard measured on the validation split) of (a) the snapshot ensemble's snapshots and (b) same-basin
   snapshots: the single run's NoCycle snapshots after its first rate drop; whether the guard fired.
@@ -38,7 +41,10 @@ The targets of issues 11 and 12 are checked and printed MET / NOT MET. Snapshots
     # the reduced protocol of benchmarks/results/accuracy.cpu.* (cycles of 6 epochs; CNN width 8 so that a
     # shared 2-core CPU finishes it in about an hour, student included)
     python benchmarks/accuracy.py --train-size 12000 --epochs 30 --cycles 5 --alphas 0.2 --seeds 0 1 \
-        --width 8 --jobs 4 --distill-epochs 30 --name accuracy.cpu
+        --width 8 --jobs 4 --distill-epochs 30 --name accuracy.cpu --no-evaluate --snapshot-dir DIR
+    # then the evaluation (calibration, weight averages, students) on those snapshots, as often as needed:
+    python benchmarks/accuracy.py ... (the same protocol flags) --students defaults labels --evaluate-only \
+        --snapshot-dir DIR
 
 Settings that are not the protocol: --jobs, --steps-per-execution (in-graph schedules keep the learning rate
 exact per step), --time-limit, --snapshot-dir. Runs share one accelerator, so no process pre-allocates its
@@ -516,7 +522,8 @@ def run_evaluation(args, task: dict, data) -> dict:
             out[key] = {"row": calibration_row([model], data), **guard}
         return out
 
-    variants = [task["part"]] if task.get("part") else args.students[:1]
+    # With --jobs > 1 every student trains in its own run, in parallel with the seed's main run.
+    variants = [task["part"]] if task.get("part") else args.students[: 1 if args.jobs == 1 else 0]
     if not task.get("part"):  # the main run of the seed; its other students run alone, in parallel
         part("calibration", calibration)
         part("selective", selective)
@@ -1314,7 +1321,8 @@ def main(argv=None) -> int:
                 if r["method"] == "snapshot"
                 and task_key(r) == f"{selected['config']}-seed{r['seed']}"
                 and any(s["method"] == "step" and s["seed"] == r["seed"] for s in records)
-                for part in [None, *args.students[1:]]  # the first student runs in the seed's main run
+                # with --jobs 1 the first student runs in the seed's main run
+                for part in [None, *args.students[1 if args.jobs == 1 else 0 :]]
             ]
             evaluations = [t for t in evaluations if task_key(t) not in done]
             print(
