@@ -189,7 +189,7 @@ def test_default_recipe_is_the_teachers_optimizer_decayed_to_zero(teacher, digit
     assert manifest["initial_learning_rate"] == 0.2
     student = distill(directory, x, epochs=3, verbose=0)  # 640 / 64 = 10 steps an epoch
     optimizer = student.optimizer
-    assert type(optimizer) is keras.optimizers.SGD
+    assert isinstance(optimizer, keras.optimizers.SGD)
     config = optimizer.get_config()
     assert config["momentum"] == 0.9 and config["nesterov"] is True
     schedule = keras.optimizers.schedules.deserialize(config["learning_rate"])
@@ -212,21 +212,20 @@ def test_default_recipe_from_files_and_models(teacher, digits, tmp_path):
     paths = sorted(directory.glob("snapshot-*.keras"))
     student = distill(paths, x, epochs=1, verbose=0)
     schedule = keras.optimizers.schedules.deserialize(student.optimizer.get_config()["learning_rate"])
-    assert type(
-        student.optimizer
-    ) is keras.optimizers.SGD and schedule.initial_learning_rate == pytest.approx(0.2)
+    assert isinstance(student.optimizer, keras.optimizers.SGD)
+    assert schedule.initial_learning_rate == pytest.approx(0.2)
     # An in-memory compiled model: its class and its compiled rate (Adam 3e-3 here), decayed over 2 steps.
     model = make_digits_model(seed=3)
     model.compile(keras.optimizers.Adam(3e-3, beta_1=0.8), "sparse_categorical_crossentropy")
     student = distill([model], x, epochs=1, verbose=0)
     config = student.optimizer.get_config()
     schedule = keras.optimizers.schedules.deserialize(config["learning_rate"])
-    assert type(student.optimizer) is keras.optimizers.Adam and config["beta_1"] == pytest.approx(0.8)
+    assert isinstance(student.optimizer, keras.optimizers.Adam) and config["beta_1"] == pytest.approx(0.8)
     assert schedule.initial_learning_rate == pytest.approx(3e-3) and schedule.decay_steps == 2
     # No optimizer to read (an ensemble from build_ensemble is not compiled): Adam 1e-3, decayed to zero.
     student = distill(build_ensemble(directory), x, epochs=2, verbose=0)
     schedule = keras.optimizers.schedules.deserialize(student.optimizer.get_config()["learning_rate"])
-    assert type(student.optimizer) is keras.optimizers.Adam
+    assert isinstance(student.optimizer, keras.optimizers.Adam)
     assert schedule.initial_learning_rate == pytest.approx(1e-3) and schedule.decay_steps == 4
     assert _rate(student.optimizer) == pytest.approx(0.0, abs=1e-9)
 
@@ -240,7 +239,7 @@ def test_every_default_stays_overridable(teacher, digits):
         0.005
     )  # used as given: no schedule added
     student = distill(directory, x, epochs=1, optimizer="adam", verbose=0)
-    assert type(student.optimizer) is keras.optimizers.Adam and _rate(student.optimizer) == pytest.approx(
+    assert isinstance(student.optimizer, keras.optimizers.Adam) and _rate(student.optimizer) == pytest.approx(
         1e-3
     )
 
