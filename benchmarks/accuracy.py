@@ -17,9 +17,12 @@ Then, per seed, an evaluation run on the selected configuration (keras_snapshot'
   and the snapshot ensemble, before and after temperature scaling with T fitted on the validation split;
 - selective prediction: test error of the 80% most certain test images, the ensemble ranked by its mutual
   information (build_ensemble(uncertainty=True)) or its max probability, the single model by its max probability;
-- "distilled student (1x cost)": keras_snapshot.distill from the snapshot ensemble on the training inputs
-  (labels mixed in), --distill-epochs epochs with the single model's recipe (SGD + Nesterov, rate 0.1 dropped
-  x0.1 at 50% and 75%), counted in the table;
+- "distilled student (1x cost)": keras_snapshot.distill from the snapshot ensemble on the training inputs,
+  --distill-epochs epochs, counted in the table, one row per --students variant: "defaults" is
+  distill(teacher, x_train, epochs=E) with no optional argument (what a user gets), "labels" adds only
+  y=y_train, "tuned" says what it changes (labels + the single model's SGD step schedule, or with
+  --student-init snapshot a fine-tune of the last snapshot); each with its recovery ratio
+  (single - student) / (single - ensemble) of test errors per seed, and its validation error;
 - "weight average (1x cost)": keras_snapshot.average_weights (batch-norm statistics recomputed on the training
   inputs, guard measured on the validation split) of (a) the snapshot ensemble's snapshots and (b) same-basin
   snapshots: the single run's NoCycle snapshots after its first rate drop; whether the guard fired.
@@ -38,7 +41,10 @@ The targets of issues 11 and 12 are checked and printed MET / NOT MET. Snapshots
     # the reduced protocol of benchmarks/results/accuracy.cpu.* (cycles of 6 epochs; CNN width 8 so that a
     # shared 2-core CPU finishes it in about an hour, student included)
     python benchmarks/accuracy.py --train-size 12000 --epochs 30 --cycles 5 --alphas 0.2 --seeds 0 1 \
-        --width 8 --jobs 4 --distill-epochs 30 --name accuracy.cpu
+        --width 8 --jobs 4 --distill-epochs 30 --name accuracy.cpu --no-evaluate --snapshot-dir DIR
+    # then the evaluation (calibration, weight averages, students) on those snapshots, as often as needed:
+    python benchmarks/accuracy.py ... (the same protocol flags) --students defaults labels --evaluate-only \
+        --snapshot-dir DIR
 
 Settings that are not the protocol: --jobs, --steps-per-execution (in-graph schedules keep the learning rate
 exact per step), --time-limit, --snapshot-dir. Runs share one accelerator, so no process pre-allocates its
@@ -84,8 +90,17 @@ QUICK = {
     "width": 4,
     "batch_size": 64,
     "distill_epochs": 2,
+    "students": ["defaults"],
 }
 QUICK_OUTPUT = ROOT / "build" / "benchmark-quick"
+# The distilled students: the defaults first (what a user gets), then what changes in each other one.
+STUDENTS = {
+    "defaults": "distill(teacher, x_train, epochs=E): no optional argument",
+    "labels": "distill(teacher, x_train, y=y_train, epochs=E): the defaults plus the labels",
+    "tuned": "distill(..., y=y_train, optimizer=SGD + Nesterov with the single model's step schedule) "
+    "(--student-init snapshot: from the last snapshot, rate 0.01 cosine-decayed)",
+}
+STUDENT_ROWS = {"defaults": "student", "labels": "student_labels", "tuned": "student_tuned"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -117,10 +132,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="epochs of the distilled student, counted in its budget (default: --epochs, the single model's)",
     )
     parser.add_argument(
+        "--students",
+        nargs="+",
+        default=["defaults", "labels"],
+        choices=tuple(STUDENTS),
+        help="distilled students to train: " + "; ".join(f"{k}: {v}" for k, v in STUDENTS.items()),
+    )
+    parser.add_argument(
         "--student-init",
         default="scratch",
         choices=("scratch", "snapshot"),
-        help="the student starts fresh (distill's default) or from the last snapshot's weights",
+        help="the tuned student starts fresh (distill's default) or from the last snapshot's weights",
     )
     parser.add_argument(
         "--no-evaluate",
@@ -247,7 +269,8 @@ def task_key(task: dict) -> str:
     if task["method"] == "step":
         return f"step-seed{task['seed']}"
     if task["method"] == "evaluate":
-        return f"evaluate-{task['config']}-seed{task['seed']}"
+        part = f"-student_{task['part']}" if task.get("part") else ""  # a student trained in its own run
+        return f"evaluate-{task['config']}{part}-seed{task['seed']}"
     return f"snapshot-a{task['alpha0']:g}-M{task['cycles']}-seed{task['seed']}"
 
 
@@ -360,6 +383,8 @@ def run_evaluation(args, task: dict, data) -> dict:
         EpochLog,
         average_with_guard,
         calibration_row,
+        error_rate,
+        jsonable,
         predict_probabilities,
         reliability_bins,
         selective_errors,
@@ -433,33 +458,59 @@ def run_evaluation(args, task: dict, data) -> dict:
             },
         }
 
-    def student():
+    def student(variant):
         from keras_snapshot.distillation import distill
 
-        steps = math.ceil(len(data.x_train) / args.batch_size) * args.distill_epochs
-        if args.student_init == "snapshot":
-            # The last snapshot, fine-tuned on the ensemble's probabilities at a small decaying rate.
-            members = sorted(snapshot_dir.glob("*.keras"))
-            model = keras.saving.load_model(members[-1], compile=False)
-            rate = keras.optimizers.schedules.CosineDecay(STUDENT_FINE_TUNE_RATE, steps)
-        else:
-            model = None  # distill's default: a fresh copy of the members' architecture
-            rate = step_schedule(args.single_alpha0, steps)  # the single model's recipe
         keras.utils.set_random_seed(1000 + seed)
-        trained = distill(
-            str(snapshot_dir),
-            data.x_train,
-            y=data.y_train,
-            student=model,
-            epochs=args.distill_epochs,
-            batch_size=args.batch_size,
-            optimizer=sgd(rate),
-            callbacks=[EpochLog(f"{label} student", args.distill_epochs)] if args.verbose == 2 else [],
-            verbose=0,
-        )
-        row = calibration_row([trained], data)
-        defaults = inspect_defaults(distill, ("temperature", "alpha"))
-        return {"row": row, "epochs": args.distill_epochs, "init": args.student_init, **defaults}
+        log = [EpochLog(f"{label} student {variant}", args.distill_epochs)] if args.verbose == 2 else []
+        if variant == "defaults":  # what a user gets: no optional argument (callbacks and verbose only log)
+            trained = distill(
+                str(snapshot_dir), data.x_train, epochs=args.distill_epochs, callbacks=log, verbose=0
+            )
+        elif variant == "labels":
+            trained = distill(
+                str(snapshot_dir),
+                data.x_train,
+                y=data.y_train,
+                epochs=args.distill_epochs,
+                callbacks=log,
+                verbose=0,
+            )
+        else:
+            steps = math.ceil(len(data.x_train) / args.batch_size) * args.distill_epochs
+            if args.student_init == "snapshot":
+                # The last snapshot, fine-tuned on the ensemble's probabilities at a small decaying rate.
+                members = sorted(snapshot_dir.glob("*.keras"))
+                model = keras.saving.load_model(members[-1], compile=False)
+                rate = keras.optimizers.schedules.CosineDecay(STUDENT_FINE_TUNE_RATE, steps)
+            else:
+                model = None  # distill's default: a fresh copy of the members' architecture
+                rate = step_schedule(args.single_alpha0, steps)  # the single model's recipe
+            trained = distill(
+                str(snapshot_dir),
+                data.x_train,
+                y=data.y_train,
+                student=model,
+                epochs=args.distill_epochs,
+                batch_size=args.batch_size,
+                optimizer=sgd(rate),
+                callbacks=log,
+                verbose=0,
+            )
+        optimizer = trained.optimizer
+        return {
+            "variant": variant,
+            "recipe": STUDENTS[variant],
+            "row": calibration_row([trained], data),
+            "val_error_%": error_rate(predict_probabilities(trained, data.x_val), data.y_val),
+            "optimizer": {
+                "class": type(optimizer).__name__,
+                "learning_rate": jsonable(optimizer.get_config()["learning_rate"]),
+            },
+            "epochs": args.distill_epochs,
+            "init": args.student_init if variant == "tuned" else "scratch",
+            **inspect_defaults(distill, ("temperature", "alpha")),
+        }
 
     def averaging():
         out = {}
@@ -471,10 +522,17 @@ def run_evaluation(args, task: dict, data) -> dict:
             out[key] = {"row": calibration_row([model], data), **guard}
         return out
 
-    part("calibration", calibration)
-    part("selective", selective)
-    part("averaging", averaging)
-    part("student", student)  # the longest part last
+    # With --jobs > 1 every student trains in its own run, in parallel with the seed's main run.
+    variants = [task["part"]] if task.get("part") else args.students[: 1 if args.jobs == 1 else 0]
+    if not task.get("part"):  # the main run of the seed; its other students run alone, in parallel
+        part("calibration", calibration)
+        part("selective", selective)
+        part("averaging", averaging)
+    record["students"] = {}
+    for variant in variants:  # the longest parts last
+        part(f"student_{variant}", lambda variant=variant: student(variant))
+        if f"student_{variant}" in record:
+            record["students"][variant] = record.pop(f"student_{variant}")
     record["seconds"]["total"] = time.perf_counter() - started
     return record
 
@@ -641,7 +699,10 @@ EVALUATED = {
     "single": "single model (step schedule)",
     "nocycle": "NoCycle snapshot ensemble",
     "snapshot": "snapshot ensemble (selected)",
-    "student": "distilled student (1x cost)",
+    "student": "distilled student (1x cost), defaults: distill(teacher, x_train, epochs=E)",
+    "student_labels": "distilled student (1x cost), defaults + labels: distill(teacher, x_train, y=y_train, "
+    "epochs=E)",
+    "student_tuned": "distilled student (1x cost), tuned: labels + the single model's SGD step schedule",
     "average_snapshot": "weight average (1x cost), the snapshots",
     "average_same_basin": "weight average (1x cost), same basin",
 }
@@ -655,8 +716,10 @@ SELECTIVE = {
 def evaluation_rows(record: dict) -> dict:
     """{EVALUATED key: metrics row} of one evaluation record (the parts that finished)."""
     rows = dict(record.get("calibration") or {})
-    if record.get("student"):
+    if record.get("student"):  # records before the student variants: one student
         rows["student"] = record["student"]["row"]
+    for variant, value in (record.get("students") or {}).items():
+        rows[STUDENT_ROWS[variant]] = value["row"]
     for key, value in (record.get("averaging") or {}).items():
         rows[f"average_{key}"] = value["row"]
     return rows
@@ -670,13 +733,26 @@ def aggregate_evaluation(records: list[dict], selected: str) -> dict | None:
     )
     if not evals:
         return None
-    per_seed = {r["seed"]: evaluation_rows(r) for r in evals}
+    per_seed = {}
+    for r in evals:  # a seed's main evaluation run and its students' own runs
+        per_seed.setdefault(r["seed"], {}).update(evaluation_rows(r))
+    failed = {}
+    for r in evals:
+        if r["failed"]:
+            failed.setdefault(str(r["seed"]), {}).update(r["failed"])
+    students = {}
+    for r in evals:
+        for variant, value in (r.get("students") or {}).items():
+            students.setdefault(variant, []).append(
+                {"seed": r["seed"], **{k: v for k, v in value.items() if k != "row"}}
+            )
     out = {
-        "seeds": [r["seed"] for r in evals],
+        "seeds": sorted(per_seed),
+        "students": {variant: students[variant] for variant in STUDENTS if variant in students},
         "distill_epochs": evals[0]["distill_epochs"],
         "student_init": evals[0]["student_init"],
         "same_basin_epochs": evals[0]["same_basin_epochs"],
-        "failed": {str(r["seed"]): r["failed"] for r in evals if r["failed"]},
+        "failed": failed,
         "rows": {},
     }
     for key in EVALUATED:
@@ -684,7 +760,11 @@ def aggregate_evaluation(records: list[dict], selected: str) -> dict | None:
         if rows:
             out["rows"][key] = {m: summarise([row[m] for row in rows]) for m in CALIBRATION_METRICS}
     out["guard_fired"] = {
-        key: [bool(r["averaging"][key]["guard_fired"]) for r in evals if r.get("averaging")]
+        key: [
+            bool(r["averaging"][key]["guard_fired"])
+            for r in evals
+            if r.get("averaging") and key in r["averaging"]
+        ]
         for key in ("snapshot", "same_basin")
     }
     selective = [r["selective"] for r in evals if r.get("selective")]
@@ -708,7 +788,7 @@ def aggregate_evaluation(records: list[dict], selected: str) -> dict | None:
                 for key in ("single", "snapshot")
             },
         }
-    out["targets"] = evaluation_targets(out, per_seed, selective and evals)
+    out["targets"] = evaluation_targets(out, per_seed, [r for r in evals if r.get("selective")])
     return out
 
 
@@ -729,33 +809,9 @@ def evaluation_targets(out: dict, per_seed: dict, selective_records) -> dict:
             ],
             "met": bool(gap > spread),
         }
-    if {"single", "snapshot", "student"} <= rows.keys():
-        seeds = []
-        for seed, r in per_seed.items():
-            if {"single", "snapshot", "student"} <= r.keys():
-                single, ensemble, student = (r[k]["error_%"] for k in ("single", "snapshot", "student"))
-                gain = single - ensemble
-                seeds.append(
-                    {
-                        "seed": seed,
-                        "single": single,
-                        "ensemble": ensemble,
-                        "student": student,
-                        "recovery": (single - student) / gain if gain > 0 else None,
-                        "met": bool(gain > 0 and single - student >= 0.5 * gain),
-                    }
-                )
-        single, ensemble, student = (rows[k]["error_%"]["mean"] for k in ("single", "snapshot", "student"))
-        gain = single - ensemble
-        targets["student"] = {
-            "rule": "error(single) - error(student) >= 0.5 * (error(single) - error(ensemble)), on the means "
-            "over seeds (and per seed); undefined when the ensemble does not beat the single model",
-            "ensemble_gain": gain,
-            "student_gain": single - student,
-            "recovery": (single - student) / gain if gain > 0 else None,
-            "per_seed": seeds,
-            "met": bool(gain > 0 and single - student >= 0.5 * gain),
-        }
+    for key in STUDENT_ROWS.values():
+        if {"single", "snapshot", key} <= rows.keys():
+            targets[key] = student_target(rows, per_seed, key)
     if out.get("selective"):
         at = out["selective"]["at_80"]
         paired = [
@@ -772,6 +828,37 @@ def evaluation_targets(out: dict, per_seed: dict, selective_records) -> dict:
             "met": bool(at["ensemble_mi"]["mean"] < at["single_maxprob"]["mean"]),
         }
     return targets
+
+
+def student_target(rows: dict, per_seed: dict, key: str) -> dict:
+    """The recovery ratio (single - student) / (single - ensemble) of test errors, on the means and per seed."""
+    seeds = []
+    for seed, r in per_seed.items():
+        if {"single", "snapshot", key} <= r.keys():
+            single, ensemble, student = (r[k]["error_%"] for k in ("single", "snapshot", key))
+            gain = single - ensemble
+            seeds.append(
+                {
+                    "seed": seed,
+                    "single": single,
+                    "ensemble": ensemble,
+                    "student": student,
+                    "recovery": (single - student) / gain if gain > 0 else None,
+                    "met": bool(gain > 0 and single - student >= 0.5 * gain),
+                }
+            )
+    single, ensemble, student = (rows[k]["error_%"]["mean"] for k in ("single", "snapshot", key))
+    gain = single - ensemble
+    return {
+        "rule": "error(single) - error(student) >= 0.5 * (error(single) - error(ensemble)), on the means "
+        "over seeds (and per seed); undefined when the ensemble does not beat the single model",
+        "ensemble_gain": gain,
+        "student_gain": single - student,
+        "recovery": (single - student) / gain if gain > 0 else None,
+        "per_seed": seeds,
+        "no_seed_worse_than_single": all(s["student"] <= s["single"] for s in seeds),
+        "met": bool(gain > 0 and single - student >= 0.5 * gain),
+    }
 
 
 def config_summary(parts, runs, method, alpha0, cycles) -> dict:
@@ -807,7 +894,9 @@ def evaluation_markdown(args, evaluation: dict, cycles: int, last_alone: float |
         "single": f"{epochs}",
         "nocycle": f"{epochs} (the single run)",
         "snapshot": f"{epochs}",
-        "student": f"{epochs} + {extra} (student, {init})",
+        "student": f"{epochs} + {extra} (student, from scratch)",
+        "student_labels": f"{epochs} + {extra} (student, from scratch)",
+        "student_tuned": f"{epochs} + {extra} (student, {init})",
         "average_snapshot": f"{epochs} (+ a batch-norm pass)",
         "average_same_basin": f"{epochs} (the single run; + a batch-norm pass)",
     }
@@ -853,11 +942,26 @@ def evaluation_markdown(args, evaluation: dict, cycles: int, last_alone: float |
         if (last_alone is not None and evaluation["student_init"] == "snapshot")
         else ""
     )
-    lines.append(
-        f"- Distilled student: keras_snapshot.distill from the selected ensemble's snapshots on the training "
-        f"inputs with their labels (distill's default temperature and alpha), {extra} epochs {init}, {recipe}; "
-        f"its budget counts the teacher's run.{alone}"
-    )
+    students = evaluation.get("students") or {}
+    for variant, runs in students.items():
+        first = runs[0]
+        validation = ", ".join(f"seed {r['seed']}: {r['val_error_%']:.2f}%" for r in runs)
+        rate = first["optimizer"]["learning_rate"]
+        schedule = rate.get("class_name", "") if isinstance(rate, dict) else f"constant {rate}"
+        config = rate.get("config", {}) if isinstance(rate, dict) else {}
+        peak = f" from {config['initial_learning_rate']:g}" if "initial_learning_rate" in config else ""
+        lines.append(
+            f"- Student `{variant}`: {first['recipe']}; distill's defaults: temperature "
+            f"{first.get('temperature_default')}, alpha {first.get('alpha_default')}; optimizer "
+            f"{first['optimizer']['class']} ({schedule}{peak}); {extra} epochs; validation error {validation}."
+            + (f" Tuned recipe: {recipe}.{alone}" if variant == "tuned" else "")
+        )
+    if "student" in rows and not students:  # records before the student variants
+        lines.append(
+            f"- Distilled student: keras_snapshot.distill from the selected ensemble's snapshots on the training "
+            f"inputs with their labels (distill's default temperature and alpha), {extra} epochs {init}, {recipe}; "
+            f"its budget counts the teacher's run.{alone}"
+        )
     for seed, failed in evaluation["failed"].items():
         lines.append(f"- Seed {seed}: parts that failed: {failed}.")
     lines.append("")
@@ -882,8 +986,14 @@ def evaluation_markdown(args, evaluation: dict, cycles: int, last_alone: float |
             + ", ".join(f"{g:+.4f}" for g in t["paired"])
             + ")."
         )
-    if "student" in targets:
-        t = targets["student"]
+    for key, what in (
+        ("student", "Distilled student with distill's defaults"),
+        ("student_labels", "Distilled student, defaults + labels"),
+        ("student_tuned", "Distilled student, tuned recipe"),
+    ):
+        if key not in targets:
+            continue
+        t = targets[key]
         ratio = "undefined (the ensemble did not beat the single model)"
         if t["recovery"] is not None:
             ratio = f"{t['recovery']:.2f}"
@@ -893,10 +1003,15 @@ def evaluation_markdown(args, evaluation: dict, cycles: int, last_alone: float |
             f"({'met' if s['met'] else 'not met'})"
             for s in t["per_seed"]
         )
+        worse = (
+            "no seed worse than the single model"
+            if t.get("no_seed_worse_than_single", True)
+            else ("a seed WORSE than the single model")
+        )
         lines.append(
-            f"- Distilled student recovers at least half of the ensemble's test-error gain: {verdict(t['met'])}: "
+            f"- {what} recovers at least half of the ensemble's test-error gain: {verdict(t['met'])}: "
             f"recovery ratio {ratio} (ensemble gain {t['ensemble_gain']:.2f} points, student gain "
-            f"{t['student_gain']:.2f}); {per_seed}."
+            f"{t['student_gain']:.2f}; {worse}); {per_seed}."
         )
     if "selective" in targets:
         t = targets["selective"]
@@ -1201,10 +1316,13 @@ def main(argv=None) -> int:
             done = {r["task"] for r in records if r["method"] == "evaluate"}
             evaluations = [
                 {"method": "evaluate", "config": selected["config"], "seed": r["seed"], **config}
+                | ({"part": part} if part else {})
                 for r in records
                 if r["method"] == "snapshot"
                 and task_key(r) == f"{selected['config']}-seed{r['seed']}"
                 and any(s["method"] == "step" and s["seed"] == r["seed"] for s in records)
+                # with --jobs 1 the first student runs in the seed's main run
+                for part in [None, *args.students[1 if args.jobs == 1 else 0 :]]
             ]
             evaluations = [t for t in evaluations if task_key(t) not in done]
             print(
@@ -1234,6 +1352,7 @@ def main(argv=None) -> int:
             "steps_per_execution": args.steps_per_execution,
             "distill_epochs": args.distill_epochs,
             "student_init": args.student_init,
+            "students": args.students,
         },
         "invocation": shlex.join(["python", "benchmarks/accuracy.py", *args.argv]),
     }

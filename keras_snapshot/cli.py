@@ -580,7 +580,7 @@ def _distill(args) -> int:
     keras = _import_keras(writes_files=True)
     _check_activation(keras, args.output_activation)
 
-    from keras_snapshot.distillation import distill
+    from keras_snapshot.distillation import default_optimizer, distill
     from keras_snapshot.manifest import atomic_write
 
     members = _load_members(args)
@@ -589,9 +589,14 @@ def _distill(args) -> int:
     if args.validation_data is not None:
         x_val, y_val = _load_data(args.validation_data, "--validation-data", args.x, args.y, members)
         validation = x_val if y_val is None else (x_val, y_val)
+    # The members are loaded without their optimizers: the default recipe (the teacher's optimizer at its
+    # alpha0, decayed to zero) is read from the directory, as distill(directory, ...) would.
+    rows = keras.tree.flatten(x)[0].shape[0]
+    optimizer = default_optimizer(args.directory, args.last, -(-rows // args.batch_size) * args.epochs)
     student = distill(
         [member.model for member in members],
         x,
+        optimizer=optimizer,
         y=y,
         validation_data=validation,
         epochs=args.epochs,
@@ -831,9 +836,9 @@ def _parser() -> argparse.ArgumentParser:
     distill.add_argument(
         "--temperature",
         type=_positive_float,
-        default=2.0,
+        default=1.0,
         metavar="T",
-        help="softening temperature (default: 2)",
+        help="softening temperature (default: 1, distill's)",
     )
     distill.add_argument(
         "--alpha",

@@ -172,3 +172,90 @@ def test_student_with_other_outputs_refused(teacher):
     student = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
     with pytest.raises(ValueError, match="same classes"):
         distill(teacher[0], np.zeros((8, 64), "float32"), student=student, verbose=0)
+
+
+# ---------------------------------------------------------------------------------------- the default recipe
+def _rate(optimizer) -> float:
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+def test_default_recipe_is_the_teachers_optimizer_decayed_to_zero(teacher, digits):
+    """No optional argument: the teacher's SGD (momentum 0.9, Nesterov) at the run's alpha0 (0.2, from the
+    manifest, not the near-zero rate the snapshot files were saved at), cosine-decayed to ~0 by the last step;
+    T = 1."""
+    directory, _, _ = teacher
+    x = digits[0][:640]
+    manifest = keras_snapshot.read_manifest(directory)
+    assert manifest["initial_learning_rate"] == 0.2
+    student = distill(directory, x, epochs=3, verbose=0)  # 640 / 64 = 10 steps an epoch
+    optimizer = student.optimizer
+    assert isinstance(optimizer, keras.optimizers.SGD)
+    config = optimizer.get_config()
+    assert config["momentum"] == 0.9 and config["nesterov"] is True
+    schedule = keras.optimizers.schedules.deserialize(config["learning_rate"])
+    assert isinstance(schedule, keras.optimizers.schedules.CosineDecay)
+    assert schedule.initial_learning_rate == pytest.approx(0.2) and schedule.decay_steps == 30
+    assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 30
+    assert float(keras.ops.convert_to_numpy(schedule(0))) == pytest.approx(0.2)
+    assert float(keras.ops.convert_to_numpy(schedule(29))) < 0.2 * 0.01  # the last step's rate: ~0
+    assert _rate(optimizer) == pytest.approx(0.0, abs=1e-7)  # after the run: zero
+    import inspect
+
+    parameters = inspect.signature(distill).parameters
+    assert parameters["temperature"].default == 1.0 and parameters["alpha"].default == 0.5
+
+
+def test_default_recipe_from_files_and_models(teacher, digits, tmp_path):
+    directory, _, _ = teacher
+    x = digits[0][:128]
+    # Files of a snapshot directory: the manifest's alpha0 still.
+    paths = sorted(directory.glob("snapshot-*.keras"))
+    student = distill(paths, x, epochs=1, verbose=0)
+    schedule = keras.optimizers.schedules.deserialize(student.optimizer.get_config()["learning_rate"])
+    assert isinstance(student.optimizer, keras.optimizers.SGD)
+    assert schedule.initial_learning_rate == pytest.approx(0.2)
+    # An in-memory compiled model: its class and its compiled rate (Adam 3e-3 here), decayed over 2 steps.
+    model = make_digits_model(seed=3)
+    model.compile(keras.optimizers.Adam(3e-3, beta_1=0.8), "sparse_categorical_crossentropy")
+    student = distill([model], x, epochs=1, verbose=0)
+    config = student.optimizer.get_config()
+    schedule = keras.optimizers.schedules.deserialize(config["learning_rate"])
+    assert isinstance(student.optimizer, keras.optimizers.Adam) and config["beta_1"] == pytest.approx(0.8)
+    assert schedule.initial_learning_rate == pytest.approx(3e-3) and schedule.decay_steps == 2
+    # No optimizer to read (an ensemble from build_ensemble is not compiled): Adam 1e-3, decayed to zero.
+    student = distill(build_ensemble(directory), x, epochs=2, verbose=0)
+    schedule = keras.optimizers.schedules.deserialize(student.optimizer.get_config()["learning_rate"])
+    assert isinstance(student.optimizer, keras.optimizers.Adam)
+    assert schedule.initial_learning_rate == pytest.approx(1e-3) and schedule.decay_steps == 4
+    assert _rate(student.optimizer) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_every_default_stays_overridable(teacher, digits):
+    directory, _, _ = teacher
+    x = digits[0][:128]
+    mine = keras.optimizers.RMSprop(0.005)
+    student = distill(directory, x, epochs=1, optimizer=mine, verbose=0)
+    assert student.optimizer is mine and _rate(mine) == pytest.approx(
+        0.005
+    )  # used as given: no schedule added
+    student = distill(directory, x, epochs=1, optimizer="adam", verbose=0)
+    assert isinstance(student.optimizer, keras.optimizers.Adam) and _rate(student.optimizer) == pytest.approx(
+        1e-3
+    )
+
+
+def test_labels_are_used_when_given(teacher, digits):
+    """With `y`, the default loss mixes in the labels (alpha 0.5): labels that contradict the teacher pull the
+    student towards them; without `y` nothing does."""
+    directory, p_train, _ = teacher
+    x = digits[0][:640]
+    wrong = (p_train[:640].argmax(-1) + 1) % 10  # every label a class the teacher does not pick
+    keras.utils.set_random_seed(5)
+    without = distill(directory, x, epochs=4, verbose=0)
+    keras.utils.set_random_seed(5)
+    with_labels = distill(directory, x, y=wrong, epochs=4, verbose=0)
+    rows = np.arange(640)
+    mass_without = float(np.mean(predict(without, x)[rows, wrong]))
+    mass_with = float(np.mean(predict(with_labels, x)[rows, wrong]))
+    print(f"mean probability of the given labels: without y {mass_without:.3f}, with y {mass_with:.3f}")
+    assert mass_with > mass_without + 0.1
