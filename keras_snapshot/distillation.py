@@ -23,6 +23,7 @@ from keras_snapshot.inputs import (
     distributions,
     input_arrays,
     output_items,
+    refuse_streams,
     row_tolerance,
     structures,
 )
@@ -142,32 +143,17 @@ def _check_positive_int(value, name: str) -> int:
     return int(value)
 
 
-def _refuse_streams(data, name: str) -> None:
-    """distill needs in-memory arrays; say why and what to do for datasets and generators."""
-    kind = None
-    if isinstance(data, keras.utils.PyDataset):
-        kind = "a keras.utils.PyDataset"
-    elif hasattr(data, "as_numpy_iterator") or type(data).__module__.startswith("tensorflow.python.data"):
-        kind = "a tf.data.Dataset"
-    elif type(data).__name__ == "DataLoader":
-        kind = "a torch DataLoader"
-    elif hasattr(data, "__next__") or (hasattr(data, "__iter__") and not hasattr(data, "__len__")):
-        kind = "a generator or iterator"
-    if kind is not None:
-        raise TypeError(
-            f"`{name}` is {kind}; distill needs in-memory arrays (a numpy array, a list or a dict of "
-            "arrays). The teacher's probabilities are computed once, before training, with each member "
-            "run once over the data; a stream would have to run all M members at every step of every "
-            "epoch. Materialise the inputs first, e.g. "
-            "x = np.concatenate([batch for batch, *_ in dataset.as_numpy_iterator()])."
-        )
+# Why distill refuses a dataset or a generator (keras_snapshot.inputs.refuse_streams says what to do).
+_IN_MEMORY = (
+    "distill computes the teacher's probabilities once, before training, with each member run once over "
+    "the data; a stream would have to run all M members at every step of every epoch."
+)
 
 
 def as_arrays(data, name: str):
     """data as numpy arrays in its structure (one array, a list or a dict), and its row count;
     streams refused with distill's reason, NaN / inf refused naming the first row."""
-    _refuse_streams(data, name)
-    return input_arrays(data, name)
+    return input_arrays(data, name, _IN_MEMORY)
 
 
 def _check_probabilities(values: np.ndarray, what: str, hint: str, dtype=None) -> None:
@@ -539,7 +525,7 @@ def distill(
         raise TypeError("`callbacks` must be a list of keras.callbacks.Callback or None.")
     x, rows = as_arrays(x, "x")
     if y is not None:
-        _refuse_streams(y, "y")
+        refuse_streams(y, "y", _IN_MEMORY)
     x_val = y_val = None
     if validation_data is not None:
         # As in Keras: a tuple is (x_val, y_val) or (x_val,); with `y`, a two-item list is (x_val, y_val) too.

@@ -116,8 +116,9 @@ def check_finite(array, what: str) -> None:
     )
 
 
-def refuse_streams(data, name: str) -> None:
-    """In-memory arrays only: say why and what to do for datasets, generators and loaders."""
+def refuse_streams(data, name: str, why: str | None = None) -> None:
+    """In-memory arrays only: say why (`why`, the caller's reason, or the general one) and what to do
+    for datasets, generators and loaders."""
     kind = None
     if isinstance(data, keras.utils.PyDataset):
         kind = "a keras.utils.PyDataset"
@@ -128,19 +129,22 @@ def refuse_streams(data, name: str) -> None:
     elif hasattr(data, "__next__") or (hasattr(data, "__iter__") and not hasattr(data, "__len__")):
         kind = "a generator or iterator"
     if kind is not None:
+        why = why or (
+            "The members are run once over the whole data before anything else, so it must fit in memory."
+        )
         raise TypeError(
-            f"`{name}` is {kind}; pass in-memory numpy arrays (an array, a list or a dict of arrays). "
-            "The members are run once over the whole data before anything else, so it must fit in "
-            "memory: e.g. x = np.concatenate([batch for batch, _ in dataset.as_numpy_iterator()])."
+            f"`{name}` is {kind}; pass in-memory arrays (a numpy array, a list or a dict of arrays). "
+            f"{why} E.g. x = np.concatenate([batch for batch, *_ in dataset.as_numpy_iterator()])."
         )
 
 
-def input_arrays(data, name: str):
+def input_arrays(data, name: str, why_in_memory: str | None = None):
     """`data` as numpy arrays in its structure (one array, a list or a dict) and its row count.
 
-    Refuses streams, scalars, object arrays, arrays of different lengths, no rows, and NaN / inf.
+    Refuses streams (saying `why_in_memory`, see `refuse_streams`), scalars, object arrays, arrays
+    of different lengths, no rows, and NaN / inf.
     """
-    refuse_streams(data, name)
+    refuse_streams(data, name, why_in_memory)
     if isinstance(data, dict):
         arrays = {str(key): np.asarray(value) for key, value in data.items()}
         leaves = list(arrays.items())
