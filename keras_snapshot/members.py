@@ -30,6 +30,19 @@ MEMBER_PREFIX = "snapshot_"
 
 
 # ---------------------------------------------------------------------------------------- sources
+def fresh_inputs(input_struct):
+    """New `keras.Input`s with the names, shapes and dtypes of a model's inputs, in its structure."""
+    return keras.tree.map_structure(
+        lambda tensor: keras.Input(
+            batch_shape=tuple(tensor.shape),
+            dtype=tensor.dtype,
+            sparse=bool(getattr(tensor, "sparse", False)),
+            name=tensor.name,
+        ),
+        input_struct,
+    )
+
+
 class Member:
     """A loaded member: its model, its name in the ensemble, and how to name it in messages.
 
@@ -50,15 +63,7 @@ class Member:
             self.model.name = self.name
             self._node = self.model
         if self._node is None:
-            inputs = keras.tree.map_structure(
-                lambda tensor: keras.Input(
-                    batch_shape=tuple(tensor.shape),
-                    dtype=tensor.dtype,
-                    sparse=bool(getattr(tensor, "sparse", False)),
-                    name=tensor.name,
-                ),
-                structures(self.model, self.label)[0],
-            )
+            inputs = fresh_inputs(structures(self.model, self.label)[0])
             self._node = keras.Model(inputs, self.model(inputs), name=self.name)
         return self._node
 
@@ -387,15 +392,7 @@ def frame(members: list[Member], output_activation):
     check_agreement(members)
     reference = members[0].model
     input_struct, output_struct = structures(reference, members[0].label)
-    inputs = keras.tree.map_structure(
-        lambda tensor: keras.Input(
-            batch_shape=tuple(tensor.shape),
-            dtype=tensor.dtype,
-            sparse=bool(getattr(tensor, "sparse", False)),
-            name=tensor.name,
-        ),
-        input_struct,
-    )
+    inputs = fresh_inputs(input_struct)
     keys = [key for key, _ in output_items(reference, members[0].label)]
     return inputs, keys, output_struct, resolve_activations(output_activation, keys, members)
 
