@@ -311,16 +311,22 @@ def is_soft(y: np.ndarray, classes: int) -> bool:
     return bool(np.all(y >= 0) and np.allclose(y.sum(axis=1), 1.0, atol=1e-3)) and not is_one_hot(y)
 
 
-def labels(y, count: int, classes: int, what: str = "y") -> np.ndarray:
-    """(N,) int64 class indices in [0, classes) from integer labels (N,) / (N, 1) or one-hot rows
-    (N, C) of any dtype. Soft labels, NaN and labels out of range are refused."""
+def _label_rows(y, count: int, what: str, against: str) -> np.ndarray:
+    """`y` as an array with one finite row per example (`against` names what holds `count` rows)."""
     y = np.asarray(y)
     if y.ndim == 0 or y.shape[0] != count:
         raise ValueError(
-            f"`{what}` has {y.shape[0] if y.ndim else 0} rows but the predictions have {count}: "
+            f"`{what}` has {y.shape[0] if y.ndim else 0} rows but {against} have {count}: "
             "pass one label per example."
         )
     check_finite(y, what)
+    return y
+
+
+def labels(y, count: int, classes: int, what: str = "y") -> np.ndarray:
+    """(N,) int64 class indices in [0, classes) from integer labels (N,) / (N, 1) or one-hot rows
+    (N, C) of any dtype. Soft labels, NaN and labels out of range are refused."""
+    y = _label_rows(y, count, what, "the predictions")
     if y.ndim == 2 and y.shape[1] == classes and classes > 1 and not looks_like_labels(y):
         if is_one_hot(y):
             return np.argmax(y, axis=1).astype("int64")
@@ -355,13 +361,7 @@ def distributions(y, count: int, classes: int, what: str = "y") -> tuple[np.ndar
     of a distribution) are taken as they are. For one sigmoid unit (classes == 1) `y` holds 0/1
     (or soft) targets in [0, 1], returned as [1 - y, y].
     """
-    y = np.asarray(y)
-    if y.ndim == 0 or y.shape[0] != count:
-        raise ValueError(
-            f"`{what}` has {y.shape[0] if y.ndim else 0} rows but the inputs have {count}: "
-            "pass one label per example."
-        )
-    check_finite(y, what)
+    y = _label_rows(y, count, what, "the inputs")
     if classes == 1:
         if not (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)):
             raise ValueError(f"`{what}` for one sigmoid unit must have shape (N,) or (N, 1), got {y.shape}.")
