@@ -7,6 +7,17 @@ Variants (one model each; same architecture, data and optimizer: SGD + Nesterov 
   c  SnapshotCallback + SnapshotSchedule, in-graph path (the callback only counts steps and saves)
   d  Keras LearningRateScheduler's update run before every batch (what users write by hand)
 
+Mixed precision (TensorFlow and JAX; `--precision`): the same model with its hidden layers in
+`mixed_float16` and its softmax layer in float32, the optimizer wrapped in `LossScaleOptimizer` (what
+`compile` does under `set_global_policy("mixed_float16")`), in a second interleaved group:
+
+  e  constant learning rate, no callback (the mixed-precision baseline)
+  f  SnapshotCallback, callback path
+  g  SnapshotCallback + SnapshotSchedule (in-graph)
+
+with the float32 targets: (g)/(e) >= 0.98, and (f)/(e) >= 0.95 on the CNN. The layers get their dtype
+policy one by one (not the global policy) because the variants run in threads of one process.
+
 Method. The variants train at the same time in one process, one thread each, and a turnstile lets
 exactly one of them run at a time: each runs a window of W steps, then hands over to the next
 (a, b, c, d, a, b, c, d, ...), so every variant sees the same machine load and fit's set-up cost is paid
@@ -48,11 +59,16 @@ BIG_T = 10**8  # total_steps of the timed runs: no cycle ends inside them
 CYCLES = 5
 ALPHA0 = 0.1
 VARIANTS = ("a", "b", "c", "d")
+MIXED_VARIANTS = ("e", "f", "g")  # the mixed_float16 group; (e) is its baseline
+MIXED_BACKENDS = ("tensorflow", "jax")
 VARIANT_NAMES = {
     "a": "constant LR, no callback",
     "b": "SnapshotCallback, callback path",
     "c": "SnapshotCallback + SnapshotSchedule (in-graph)",
     "d": "LearningRateScheduler's update per batch (hand-written)",
+    "e": "mixed_float16, constant LR, no callback",
+    "f": "mixed_float16, SnapshotCallback, callback path",
+    "g": "mixed_float16, SnapshotCallback + SnapshotSchedule (in-graph)",
 }
 # W steps per window, rounds of windows, warm-up steps before the first window
 CONFIG = {
@@ -145,27 +161,29 @@ def _worker(args) -> dict:
     backend = keras.backend.backend()
     mode = "quick" if args.quick else "full"
 
-    def make_model(kind: str) -> keras.Model:
+    def make_model(kind: str, mixed: bool = False) -> keras.Model:
         keras.utils.set_random_seed(0)
+        hidden = {"dtype": "mixed_float16"} if mixed else {}
         if kind == "mlp":
             inputs = keras.Input((32,), name="features")
-            x = keras.layers.Dense(64, activation="relu")(inputs)
-            x = keras.layers.Dense(64, activation="relu")(x)
+            x = keras.layers.Dense(64, activation="relu", **hidden)(inputs)
+            x = keras.layers.Dense(64, activation="relu", **hidden)(x)
         else:
             inputs = keras.Input((28, 28, 1), name="image")
-            x = keras.layers.Conv2D(16, 3, activation="relu")(inputs)
-            x = keras.layers.MaxPooling2D()(x)
-            x = keras.layers.Conv2D(32, 3, activation="relu")(x)
-            x = keras.layers.MaxPooling2D()(x)
-            x = keras.layers.Flatten()(x)
-        outputs = keras.layers.Dense(10, activation="softmax")(x)
+            x = keras.layers.Conv2D(16, 3, activation="relu", **hidden)(inputs)
+            x = keras.layers.MaxPooling2D(**hidden)(x)
+            x = keras.layers.Conv2D(32, 3, activation="relu", **hidden)(x)
+            x = keras.layers.MaxPooling2D(**hidden)(x)
+            x = keras.layers.Flatten(**hidden)(x)
+        # The softmax in float32, as the mixed-precision guide recommends.
+        outputs = keras.layers.Dense(10, activation="softmax", dtype="float32")(x)
         return keras.Model(inputs, outputs, name=kind)
 
-    def compile_model(model, learning_rate):
-        model.compile(
-            keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True),
-            "sparse_categorical_crossentropy",
-        )
+    def compile_model(model, learning_rate, mixed: bool = False):
+        optimizer = keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
+        if mixed:
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        model.compile(optimizer, "sparse_categorical_crossentropy")
         return model
 
     def data(kind: str, n: int):
@@ -256,18 +274,19 @@ def _worker(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="ks-overhead-"))
 
     def variant(name: str, kind: str):
-        model = make_model(kind)
+        mixed = name in MIXED_VARIANTS
+        model = make_model(kind, mixed)
         directory = tmp / f"{kind}-{name}"
-        if name == "a":
-            compile_model(model, ALPHA0)
+        if name in ("a", "e"):
+            compile_model(model, ALPHA0, mixed)
             extra = []
-        elif name == "b":
-            compile_model(model, ALPHA0)
+        elif name in ("b", "f"):
+            compile_model(model, ALPHA0, mixed)
             extra = [
                 SnapshotCallback(directory, cycles=CYCLES, initial_learning_rate=ALPHA0, total_steps=BIG_T)
             ]
-        elif name == "c":
-            compile_model(model, SnapshotSchedule(ALPHA0, total_steps=BIG_T, cycles=CYCLES))
+        elif name in ("c", "g"):
+            compile_model(model, SnapshotSchedule(ALPHA0, total_steps=BIG_T, cycles=CYCLES), mixed)
             extra = [SnapshotCallback(directory, cycles=CYCLES, total_steps=BIG_T)]
         elif name == "d":
             compile_model(model, ALPHA0)
@@ -379,6 +398,28 @@ def _worker(args) -> dict:
         "mode": mode,
         "models": {},
     }
+
+    def group_statistics(names: list[str], windows: dict) -> dict:
+        """Per estimator: medians (us), speed vs the group's first variant, its 95% CI and per-round IQR."""
+        base = names[0]
+        estimators = {}
+        for index, estimator in enumerate(ESTIMATORS):
+            series = {name: [w[index] for w in windows[name]] for name in names}
+            medians = {name: _common.median(series[name]) for name in names}
+            estimators[estimator] = {
+                "median_us": {name: medians[name] * 1e6 for name in names},
+                f"speed_vs_{base}": {name: medians[base] / medians[name] for name in names},
+                f"speed_vs_{base}_ci95": {
+                    name: _bootstrap_ci(series[base], series[name]) for name in names if name != base
+                },
+                f"per_round_speed_vs_{base}_quartiles": {
+                    name: _common.quartiles([a / v for a, v in zip(series[base], series[name], strict=True)])
+                    for name in names
+                    if name != base
+                },
+            }
+        return estimators
+
     names = list(VARIANTS)
     for kind in args.models:
         config = dict(CONFIG[kind][mode])
@@ -394,22 +435,7 @@ def _worker(args) -> dict:
         start = time.perf_counter()
         windows = interleaved(kind, names, config)
         elapsed = time.perf_counter() - start
-        estimators = {}
-        for index, estimator in enumerate(ESTIMATORS):
-            series = {name: [w[index] for w in windows[name]] for name in names}
-            medians = {name: _common.median(series[name]) for name in names}
-            estimators[estimator] = {
-                "median_us": {name: medians[name] * 1e6 for name in names},
-                "speed_vs_a": {name: medians["a"] / medians[name] for name in names},
-                "speed_vs_a_ci95": {
-                    name: _bootstrap_ci(series["a"], series[name]) for name in names if name != "a"
-                },
-                "per_round_speed_vs_a_quartiles": {
-                    name: _common.quartiles([a / v for a, v in zip(series["a"], series[name], strict=True)])
-                    for name in names
-                    if name != "a"
-                },
-            }
+        estimators = group_statistics(names, windows)
         saves = measure_saves(kind, SAVES[mode], 20 if kind == "mlp" else 4)
         results["models"][kind] = {
             "description": MODEL_DESCRIPTIONS[kind],
@@ -422,6 +448,19 @@ def _worker(args) -> dict:
             "save": saves,
         }
         print(f"[{backend}/{kind}] done in {elapsed:.1f}s", file=sys.stderr, flush=True)
+        if args.precision in ("both", "mixed") and backend in MIXED_BACKENDS:
+            mixed_names = list(MIXED_VARIANTS)
+            start = time.perf_counter()
+            windows = interleaved(kind, mixed_names, config)
+            elapsed = time.perf_counter() - start
+            estimators = group_statistics(mixed_names, windows)
+            results["models"][kind]["mixed_float16"] = {
+                "seconds": round(elapsed, 1),
+                "windows_seconds_per_step": {name: [w[0] for w in windows[name]] for name in mixed_names},
+                **estimators["wall"],
+                "estimators": estimators,
+            }
+            print(f"[{backend}/{kind}] mixed_float16 done in {elapsed:.1f}s", file=sys.stderr, flush=True)
     return results
 
 
@@ -433,6 +472,21 @@ def _targets(backend: str, kind: str, speed: dict) -> list[tuple[str, float, boo
         out.append(("(c)/(a) >= 0.98", speed["c"], speed["c"] >= 0.98))
     if "b" in speed and kind == "cnn":
         out.append(("(b)/(a) >= 0.95", speed["b"], speed["b"] >= 0.95))
+    if "g" in speed:
+        out.append(("(g)/(e) >= 0.98", speed["g"], speed["g"] >= 0.98))
+    if "f" in speed and kind == "cnn":
+        out.append(("(f)/(e) >= 0.95", speed["f"], speed["f"] >= 0.95))
+    return out
+
+
+def _all_targets(backend: str, kind: str, result: dict) -> list[tuple[str, float, bool, tuple]]:
+    """Every target of one backend/model, float32 and mixed precision: (name, value, ok, 95% CI)."""
+    out = []
+    groups = [("a", result)] + ([("e", result["mixed_float16"])] if "mixed_float16" in result else [])
+    for base, group in groups:
+        speed, ci = group[f"speed_vs_{base}"], group[f"speed_vs_{base}_ci95"]
+        for name, value, ok in _targets(backend, kind, speed):
+            out.append((name, value, ok, tuple(ci[name[1]])))
     return out
 
 
@@ -441,9 +495,21 @@ def _report(record: dict) -> str:
     cycle_steps = record["cycle_steps"]
     others = [v for v in variants if v != "a"]
     rows, cross_rows, target_rows, save_rows, default_rows = [], [], [], [], []
+    mixed_rows = []
     for backend, result in record["backends"].items():
         for kind, res in result["models"].items():
             med, speed, est = res["median_us"], res["speed_vs_a"], res["estimators"]
+            if "mixed_float16" in res:
+                mixed = res["mixed_float16"]
+                mixed_rows.append(
+                    [backend, kind, f"{med['a']:.0f}"]
+                    + [f"{mixed['median_us'][v]:.0f}" for v in MIXED_VARIANTS]
+                    + [f"{mixed['speed_vs_e'][v]:.3f}" for v in MIXED_VARIANTS[1:]]
+                    + [
+                        "[{:.3f}, {:.3f}]".format(*mixed["per_round_speed_vs_e_quartiles"][v])
+                        for v in MIXED_VARIANTS[1:]
+                    ]
+                )
             rows.append(
                 [backend, kind] + [f"{med[v]:.0f}" for v in variants] + [f"{speed[v]:.3f}" for v in others]
             )
@@ -452,7 +518,7 @@ def _report(record: dict) -> str:
                 + ["n/a" if backend == "jax" else f"{est['step']['speed_vs_a'][v]:.3f}" for v in others]
                 + ["[{:.3f}, {:.3f}]".format(*res["per_round_speed_vs_a_quartiles"][v]) for v in others]
             )
-            if not _targets(backend, kind, speed):
+            if not _all_targets(backend, kind, res):
                 target_rows.append(
                     [
                         backend,
@@ -463,8 +529,7 @@ def _report(record: dict) -> str:
                         "n/a",
                     ]
                 )
-            for name, value, ok in _targets(backend, kind, speed):
-                low, high = res["speed_vs_a_ci95"][name[1]]
+            for name, value, ok, (low, high) in _all_targets(backend, kind, res):
                 target_rows.append(
                     [backend, kind, name, f"{value:.3f}", f"[{low:.3f}, {high:.3f}]", _common.verdict(ok)]
                 )
@@ -503,6 +568,20 @@ def _report(record: dict) -> str:
             cross_rows,
         ),
     ]
+    if mixed_rows:
+        lines += [
+            "\nMixed precision (hidden layers mixed_float16, softmax float32, LossScaleOptimizer; a second "
+            "interleaved group, ratios against its own constant-LR baseline (e); (a) repeated for scale, from the "
+            "float32 group):\n",
+            _common.markdown_table(
+                [
+                    *("backend", "model", "a us (float32)", "e us", "f us", "g us", "f/e", "g/e"),
+                    *("f/e per-round IQR", "g/e per-round IQR"),
+                ],
+                mixed_rows,
+            ),
+            "\n" + "; ".join(f"{v} = {VARIANT_NAMES[v]}" for v in MIXED_VARIANTS) + ".",
+        ]
     if default_rows:
         lines += [
             "\nFaster path (added microseconds per step over (a)):\n",
@@ -536,6 +615,12 @@ def main(argv=None) -> int:
         default=1,
         help="compute threads per backend process (default 1; 0 = the backend's default)",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("both", "float32", "mixed"),
+        default="both",
+        help="float32 variants a-d always run; 'both'/'mixed' add the mixed_float16 group e-g (TF and JAX)",
+    )
     parser.add_argument("--cycle-steps", type=int, default=1000, help="cycle length for the save fraction")
     parser.add_argument("--out", default=str(_common.RESULTS_DIR), help="results folder ('' to skip writing)")
     parser.add_argument(
@@ -562,6 +647,7 @@ def main(argv=None) -> int:
     forwarded = ["--models", ",".join(args.models)]
     forwarded += ["--rounds", str(args.rounds), "--window", str(args.window)]
     forwarded += ["--quick"] if args.quick else []
+    forwarded += ["--precision", args.precision]
     started = time.perf_counter()
     for backend in backends:
         record["backends"][backend] = _common.run_worker(
@@ -573,7 +659,7 @@ def main(argv=None) -> int:
         f"{b}/{k} {name}"
         for b, res in record["backends"].items()
         for k, r in res["models"].items()
-        for name, _, ok in _targets(b, k, r["speed_vs_a"])
+        for name, _, ok, _ in _all_targets(b, k, r)
         if not ok
     ]
     models = "\n".join(f"- {k}: {MODEL_DESCRIPTIONS[k]}" for k in args.models)
