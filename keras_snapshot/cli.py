@@ -2,7 +2,8 @@
 
     keras-snapshot info DIR
     keras-snapshot build DIR -o ensemble.keras [--last M] [--output-activation softmax] [--fuse]
-                         [--weights fit|greedy --validation-data val.npz]
+                         [--weights fit|greedy] [--abstain-coverage C [--abstain-score S]]
+                         [--validation-data val.npz]
     keras-snapshot export ensemble.keras SERVING_DIR [--version N] [--member-outputs] [--overwrite]
     keras-snapshot evaluate DIR --data test.npz [--x NAME ...] [--y NAME] [--last M]
                             [--temperature T|fit --validation-data val.npz] [--ood ood.npz] [--bins 15]
@@ -399,39 +400,62 @@ def _info(args) -> int:
 def _build(args) -> int:
     output = _output_file(args.output)
     _snapshot_directory(args.directory, args.last)
-    if args.weights is not None and args.validation_data is None:
+    needs = [f"--weights {args.weights}"] if args.weights is not None else []
+    needs += [f"--abstain-coverage {args.abstain_coverage:g}"] if args.abstain_coverage is not None else []
+    if needs and args.validation_data is None:
         raise UserError(
-            f"--weights {args.weights} needs --validation-data val.npz (held-out validation data, never the "
+            f"{' and '.join(needs)} needs --validation-data val.npz (held-out validation data, never the "
             "test set)."
         )
     if args.validation_data is not None:
-        if args.weights is None:
-            raise UserError("--validation-data is used only with --weights fit or --weights greedy.")
+        if not needs:
+            raise UserError(
+                "--validation-data is used only with --weights fit|greedy or --abstain-coverage C."
+            )
         _data_file(args.validation_data, "--validation-data")
+    if args.abstain_score is not None and args.abstain_coverage is None:
+        raise UserError("--abstain-score is used only with --abstain-coverage C.")
+    if args.abstain_coverage == 0:
+        raise UserError("--abstain-coverage must be above 0 (the fraction of validation inputs kept).")
     keras = _import_keras(writes_files=True)
     _check_activation(keras, args.output_activation)
 
-    from keras_snapshot.ensemble import build_ensemble
+    from keras_snapshot.ensemble import ABSTAIN_LAYER, build_ensemble
     from keras_snapshot.manifest import atomic_write
     from keras_snapshot.members import snapshot_sources
 
     snapshots, validation = args.directory, None
-    if args.weights is not None:
+    if needs:
         loaded = _load_members(args)
-        validation = _load_data(args.validation_data, "--validation-data", args.x, args.y, loaded)
+        # Labels only where the weights are fitted: the abstain threshold needs the inputs alone.
+        y_name = args.y if args.weights is not None else None
+        validation = _load_data(args.validation_data, "--validation-data", args.x, y_name, loaded)
         snapshots = [member.model for member in loaded]
+    abstain = {}
+    if args.abstain_coverage is not None:
+        abstain = {
+            "abstain_coverage": args.abstain_coverage,
+            "abstain_score": args.abstain_score or "entropy",
+        }
     ensemble = build_ensemble(
         snapshots,
-        last=args.last if args.weights is None else None,
+        last=args.last if not needs else None,
         output_activation=args.output_activation,
         safe_mode=not args.unsafe,
         fuse=args.fuse,
         weights=args.weights,
         validation_data=validation,
+        **abstain,
     )
     atomic_write(output, ensemble.save, suffix=".keras")
     members = [name for name, _, _ in snapshot_sources(args.directory, args.last)]
     form = ", fused" if args.fuse else ""
+    if abstain:
+        threshold = -float(ensemble.get_layer(ABSTAIN_LAYER).offset)
+        form += (
+            f"; output 'abstain' = 1 where {abstain['abstain_score']} > {threshold:.6g} (keeps "
+            f"{args.abstain_coverage:.0%} of {args.validation_data})"
+        )
     if args.weights is None:
         print(f"Wrote {output}: the mean of {len(members)} snapshot(s) ({', '.join(members)}{form}).")
         return 0
@@ -698,6 +722,10 @@ def _temperature(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a positive number or 'fit', got {text!r}") from None
 
 
+# build_ensemble's abstain scores (ensemble.ABSTAIN_SCORES; a test checks they agree): --help imports no Keras.
+ABSTAIN_SCORES = ("max_probability", "entropy", "mutual_information", "disagreement")
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -773,7 +801,21 @@ def _parser() -> argparse.ArgumentParser:
         "replacement (counts shown; useless snapshots get 0)",
     )
     build.add_argument(
-        "--validation-data", metavar="FILE.npz", help="validation inputs and labels for --weights"
+        "--abstain-coverage",
+        type=_fraction,
+        metavar="C",
+        help="add the output 'abstain' (1.0 = do not trust this prediction), its threshold fitted so that "
+        "a fraction C of --validation-data's inputs is kept",
+    )
+    build.add_argument(
+        "--abstain-score",
+        choices=ABSTAIN_SCORES,
+        help="the uncertainty score --abstain-coverage thresholds (default: entropy)",
+    )
+    build.add_argument(
+        "--validation-data",
+        metavar="FILE.npz",
+        help="validation inputs (and labels, for --weights) for --weights and --abstain-coverage",
     )
     data_names(build, "validation label array name (default: y)", "y")
 

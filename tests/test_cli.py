@@ -506,6 +506,59 @@ def test_build_fused(capsys, digits_run, digits, tmp_path):
     np.testing.assert_allclose(call(fused, x), expected, atol=TOLERANCE)
 
 
+def test_build_with_an_abstain_output(capsys, digits_run, digits, tmp_path):
+    """--abstain-coverage: the served decision keeps the asked fraction of the validation inputs,
+    read from a file without labels; the scores offered are build_ensemble's."""
+    from keras_snapshot import cli, ensemble
+
+    assert cli.ABSTAIN_SCORES == ensemble.ABSTAIN_SCORES
+    directory, _ = digits_run
+    x_val = digits[2][:200]
+    np.savez(tmp_path / "val.npz", x=x_val)  # inputs only
+    output = tmp_path / "abstain.keras"
+    status, out, err = run_main(
+        capsys,
+        "build",
+        directory,
+        "-o",
+        output,
+        "--abstain-coverage",
+        "0.8",
+        "--abstain-score",
+        "max_probability",
+        "--validation-data",
+        tmp_path / "val.npz",
+    )
+    assert status == 0, err
+    assert "output 'abstain' = 1 where max_probability >" in out and "keeps 80%" in out
+    served = keras.saving.load_model(output)
+    outputs = served.predict(x_val, verbose=0)
+    assert set(outputs) == {"predictions", "abstain"}
+    assert abs(float(np.mean(outputs["abstain"] == 0.0)) - 0.8) <= 1 / len(x_val)
+    members = [keras.saving.load_model(path, compile=False) for path in sorted(directory.glob("*.keras"))]
+    mean = np.mean([call(member, x_val) for member in members], axis=0)
+    np.testing.assert_allclose(outputs["predictions"], mean, atol=TOLERANCE)
+    threshold = float(out.split("max_probability > ")[1].split()[0])
+    np.testing.assert_array_equal(outputs["abstain"], (1.0 - mean.max(axis=1) > threshold).astype("float32"))
+
+    status, _, err = run_main(capsys, "build", directory, "-o", output, "--abstain-coverage", "0.8")
+    assert status == 1 and "--abstain-coverage 0.8 needs --validation-data val.npz" in err
+    status, _, err = run_main(capsys, "build", directory, "-o", output, "--abstain-score", "entropy")
+    assert status == 1 and "--abstain-score is used only with --abstain-coverage" in err
+    status, _, err = run_main(
+        capsys,
+        "build",
+        directory,
+        "-o",
+        output,
+        "--abstain-coverage",
+        "0",
+        "--validation-data",
+        tmp_path / "val.npz",
+    )
+    assert status == 1 and "must be above 0" in err
+
+
 def test_build_errors(capsys, snapshot_dir, tmp_path):
     status, _, err = run_main(capsys, "build", snapshot_dir, "-o", tmp_path / "e.keras", "--last", "9")
     assert status == 1 and "--last 9 is out of range" in err and "--last 1 to 3" in err
