@@ -112,9 +112,10 @@ def _serving_model(model: keras.Model, member_outputs: bool, uncertainty: bool =
             ) from error
     member_keys = list(next(iter(taps.values()))) if taps else []
     # One member output per member: the members' outputs are "snapshot_XX".
+    # (a single output served as "predictions" next to uncertainty or abstain outputs counts as one)
     single = len(member_keys) == 1 and (
         not isinstance(outputs, (dict, list, tuple))
-        or (built_in and SINGLE_OUTPUT_KEY in named_outputs and member_keys[0] not in named_outputs)
+        or (SINGLE_OUTPUT_KEY in named_outputs and member_keys[0] not in named_outputs)
     )
     extra = {}
     if member_outputs:
@@ -140,7 +141,13 @@ def _has_uncertainty(model: keras.Model, named_outputs: dict | None = None) -> b
     uncertainty=True)): decided by the graph, never by what the outputs are called, so that an
     output named "log_variance" or "max_entropy" is just an output."""
     del named_outputs  # what they are called says nothing
-    return any(is_uncertainty_block(layer) for layer in model.layers)
+    served = {id(tensor) for tensor in keras.tree.flatten(model.outputs)}
+    # A block whose outputs are not served (the abstain decision's scores, computed but not
+    # output without uncertainty=True) does not count: export must still add the measures.
+    return any(
+        is_uncertainty_block(layer) and any(id(t) in served for t in keras.tree.flatten(layer.output))
+        for layer in model.layers
+    )
 
 
 def _uncertainty(model, taps, member_keys, named_outputs, items, outputs) -> dict:
@@ -148,6 +155,14 @@ def _uncertainty(model, taps, member_keys, named_outputs, items, outputs) -> dic
     members = list(taps)
     plain = not isinstance(outputs, (dict, list, tuple))
     ensemble_outputs = {items[0][0]: items[0][1]} if plain else dict(items)
+    if (
+        len(member_keys) == 1
+        and member_keys[0] not in ensemble_outputs
+        and SINGLE_OUTPUT_KEY in ensemble_outputs
+    ):
+        # One output served as "predictions" beside "abstain": its measures are named as for a
+        # plain output ("entropy", ...), as build_ensemble(..., uncertainty=True) names them.
+        plain, ensemble_outputs = True, {member_keys[0]: ensemble_outputs[SINGLE_OUTPUT_KEY]}
     result = {}
     taken = {layer.name for layer in model.layers}
     for position, key in enumerate(member_keys):

@@ -123,10 +123,25 @@ def test_abstain_survives_save_reload_and_export(digits_run, digits, tmp_path):
     if refuses_torch(export_saved_model, model, tmp_path / "served"):
         return
     version = export_saved_model(model, tmp_path / "served")
-    (served,) = run_tf_serving_loader(tmp_path, [(version, {"pixels": x_val})])
+    # uncertainty=True on a model built without it: the measures are added next to "abstain".
+    measured = export_saved_model(model, tmp_path / "served", uncertainty=True)
+    served, with_measures = run_tf_serving_loader(
+        tmp_path, [(version, {"pixels": x_val}), (measured, {"pixels": x_val})]
+    )
     assert sorted(served) == ["abstain", "predictions"]
     assert abs(1.0 - float(np.mean(served["abstain"])) - 0.8) <= 1 / 200
     np.testing.assert_array_equal(served["abstain"], expected["val"]["abstain"])
+    assert sorted(with_measures) == [
+        "abstain",
+        "disagreement",
+        "entropy",
+        "mutual_information",
+        "predictions",
+    ]
+    np.testing.assert_array_equal(with_measures["abstain"], expected["val"]["abstain"])
+    scores = numpy_scores(member_stack(members_of(directory), x_val), expected["val"]["predictions"])
+    for key in ("entropy", "mutual_information", "disagreement"):
+        np.testing.assert_allclose(with_measures[key], scores[key], atol=1e-5, err_msg=key)
 
 
 def test_bad_abstain_arguments_fail_before_any_load(digits_run, tmp_path):
