@@ -22,6 +22,7 @@ from keras_snapshot.ensemble import (
     unique_name,
 )
 from keras_snapshot.inputs import output_items, output_kind, structures
+from keras_snapshot.keras_internals import output_operations
 from keras_snapshot.manifest import TEMP_PREFIX
 
 __all__ = ["export_saved_model"]
@@ -141,13 +142,11 @@ def _has_uncertainty(model: keras.Model, named_outputs: dict | None = None) -> b
     uncertainty=True)): decided by the graph, never by what the outputs are called, so that an
     output named "log_variance" or "max_entropy" is just an output."""
     del named_outputs  # what they are called says nothing
-    served = {id(tensor) for tensor in keras.tree.flatten(model.outputs)}
+    if not any(is_uncertainty_block(layer) for layer in model.layers):
+        return False
     # A block whose outputs are not served (the abstain decision's scores, computed but not
     # output without uncertainty=True) does not count: export must still add the measures.
-    return any(
-        is_uncertainty_block(layer) and any(id(t) in served for t in keras.tree.flatten(layer.output))
-        for layer in model.layers
-    )
+    return any(is_uncertainty_block(op) for op in output_operations(model))
 
 
 def _uncertainty(model, taps, member_keys, named_outputs, items, outputs) -> dict:

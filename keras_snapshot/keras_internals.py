@@ -14,6 +14,7 @@ breaks each one on purpose and checks both.
 | `Optimizer._iterations` (of the inner optimizer of a `LossScaleOptimizer`) | the step count learning-rate schedules read, which the snapshot schedule follows (with `gradient_accumulation_steps=k`, `optimizer.iterations` is it // k) | a Variable among `optimizer.variables`; without accumulation it is `optimizer.iterations` | without accumulation `optimizer.iterations` (the same counter); with accumulation `KerasInternalsError` |
 | the caller's frame: `keras.callbacks.CallbackList.callbacks` | find the callbacks of the same `fit` (no public API) | the list holds the asking callback | None: the callers rely on detecting effects |
 | `Sequential._functional`, `Functional._nodes_by_depth`, `KerasTensor._keras_history`, `Functional._run_through_graph(inputs, operation_fn=, call_fn=)` | fusion: walk the members' graphs | `fusion_supported()` runs them on a tiny nested model | `KerasInternalsError`; fusion raises `fusion.FusionUnavailable` |
+| `KerasTensor._keras_history` (of `model.outputs`) | export: whether an uncertainty block's outputs are served (a nested model's `.output` is its inner graph's) | read at use; `output_operations` is tested against a model that serves its block and one that does not | the functional config's `output_layers` (public, slower) |
 
 Replaced by public APIs (no longer used): `optimizer._learning_rate` (the compiled schedule is
 read from `optimizer.get_config()`), `Operation._inbound_nodes` (`Operation.output`), and hook
@@ -453,6 +454,30 @@ def tensor_history(tensor) -> tuple:
         raise KerasInternalsError(
             "KerasTensor._keras_history has no operation/node_index/tensor_index"
         ) from None
+
+
+def output_operations(model) -> list:
+    """The operations (layers) that produce `model.outputs`, in the outer graph (a nested model's
+    `.output` is its own inner graph's, so it cannot say whether the model serves it)."""
+    try:
+        return [tensor_history(tensor)[0] for tensor in keras.tree.flatten(model.outputs)]
+    except KerasInternalsError as error:
+        _fallback("KerasTensor._keras_history", str(error), "the model config's output_layers")
+    # Public: a functional model's config names the layer behind each output.
+    names = [entry[0] for entry in _output_layer_entries(model.get_config().get("output_layers"))]
+    # `operations` holds ops (a `keras.ops.cast` in the graph) as well as layers.
+    by_name = {op.name: op for op in getattr(model, "operations", model.layers)}
+    return [by_name[name] for name in names if name in by_name]
+
+
+def _output_layer_entries(spec) -> list:
+    """The [layer_name, node_index, tensor_index] entries of a config's output_layers (a list, a
+    dict or one entry)."""
+    if isinstance(spec, dict):
+        return [entry for value in spec.values() for entry in _output_layer_entries(value)]
+    if isinstance(spec, (list, tuple)) and spec and isinstance(spec[0], str):
+        return [spec]
+    return [entry for item in spec or () for entry in _output_layer_entries(item)]
 
 
 def run_graph(functional, inputs, call_fn):

@@ -24,6 +24,7 @@ from test_callback import (
 
 import keras_snapshot
 from keras_snapshot import SnapshotCallback, SnapshotSchedule, fusion, keras_internals
+from keras_snapshot.ensemble import is_uncertainty_block
 from keras_snapshot.keras_internals import KerasInternalsError, KerasInternalsWarning
 
 BACKEND = keras.backend.backend()
@@ -275,6 +276,35 @@ def test_fusion_internals_changed_raise_fusion_unavailable(monkeypatch, breakage
         fuse(models)
     assert reason in str(error.value)
     assert isinstance(error.value, fusion.FusionError)
+
+
+# ------------------------------------------------------------------------------- served outputs
+def _served_blocks(model):
+    return sorted({op.name for op in keras_internals.output_operations(model) if is_uncertainty_block(op)})
+
+
+@pytest.mark.parametrize("history_gone", [False, True])
+def test_output_operations_tell_a_served_uncertainty_block_from_a_hidden_one(monkeypatch, history_gone):
+    """export decides whether to add uncertainty outputs from this: the abstain decision's scores
+    come from a block that is not served, and a nested model's `.output` cannot tell (it is the
+    block's inner graph)."""
+    models = members()
+    rng = np.random.default_rng(0)
+    x_val, y_val = rng.random((20, 4), "float32"), rng.integers(0, 2, 20)
+    served = keras_snapshot.build_ensemble(models, uncertainty=True)
+    hidden = keras_snapshot.build_ensemble(models, abstain_coverage=0.8, validation_data=(x_val, y_val))
+    assert any(is_uncertainty_block(layer) for layer in hidden.layers)
+    if history_gone:
+
+        def gone(tensor):
+            raise KerasInternalsError("KerasTensor._keras_history is gone")
+
+        monkeypatch.setattr(keras_internals, "tensor_history", gone)
+        with pytest.warns(KerasInternalsWarning, match="output_layers"):
+            assert _served_blocks(served) == ["uncertainty"]
+    else:
+        assert _served_blocks(served) == ["uncertainty"]
+    assert _served_blocks(hidden) == []
 
 
 # ------------------------------------------------------------------------------- the step count
