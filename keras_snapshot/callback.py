@@ -47,24 +47,6 @@ _PASSIVE = (
 )
 
 
-def _is_chief(model) -> bool:
-    """Whether this process writes files: only one worker of a multi-worker run may."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        strategy = getattr(model, "distribute_strategy", None)
-        extended = getattr(strategy, "extended", None)
-        return bool(getattr(extended, "should_checkpoint", True))
-    if backend == "jax":
-        import jax
-
-        return jax.process_index() == 0
-    if backend == "torch":
-        import torch.distributed
-
-        return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    return True
-
-
 def _json_logs(logs) -> dict:
     """The scalar entries of a Keras logs dict as plain floats (JSON-ready)."""
     out = {}
@@ -352,7 +334,7 @@ class SnapshotCallback(keras.callbacks.Callback):
             )
 
     def _prepare_directory(self) -> None:
-        self._chief = _is_chief(self.model)
+        self._chief = manifest_lib.is_chief(self.model)
         manifest = None
         if self._chief:
             try:

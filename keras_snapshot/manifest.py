@@ -26,6 +26,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+import keras
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; one writer per directory is then the user's care
@@ -34,6 +36,24 @@ except ImportError:  # Windows: no advisory locks; one writer per directory is t
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 TEMP_PREFIX = ".tmp-"
+
+
+def is_chief(model) -> bool:
+    """Whether this process writes files: only one worker of a multi-worker run may."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        strategy = getattr(model, "distribute_strategy", None)
+        extended = getattr(strategy, "extended", None)
+        return bool(getattr(extended, "should_checkpoint", True))
+    if backend == "jax":
+        import jax
+
+        return jax.process_index() == 0
+    if backend == "torch":
+        import torch.distributed
+
+        return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    return True
 
 
 def _fsync_directory(directory: Path) -> None:

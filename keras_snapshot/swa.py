@@ -22,7 +22,7 @@ from keras_snapshot.averaging import (
     _scores,
     recompute_batch_norm,
 )
-from keras_snapshot.callback import SnapshotCallback, _is_chief
+from keras_snapshot.callback import SnapshotCallback
 from keras_snapshot.inputs import check_probabilities, input_arrays, labels, validation_pair
 
 __all__ = ["StochasticWeightAveraging"]
@@ -458,7 +458,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         self._reset_run()
         self._start = self._resolve_start()
         self._check_setup()
-        self._chief = _is_chief(self.model)
+        self._chief = manifest_lib.is_chief(self.model)
         self._prepare_directory()
         self._assigner = keras_internals.RateAssigner()
         self._iterations = keras_internals.IterationsReader()
