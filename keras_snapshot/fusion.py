@@ -20,7 +20,11 @@ see shared tensors run once, unstacked.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import inspect
+import marshal
+import types
 
 import keras
 import numpy as np
@@ -172,7 +176,38 @@ def _config(op) -> dict:
     except NotImplementedError:  # a custom layer without get_config: compare what is known
         return {}
     config.pop("name", None)
-    return config
+    return _canonical(config)
+
+
+def _canonical(value):
+    """`value` with every serialized lambda's bytecode replaced by what the code is: marshal's bytes
+    for one function differ from one save to the next (its reference flags follow the objects'
+    reference counts), so two snapshots of one run would not compare equal."""
+    if isinstance(value, dict):
+        if value.get("class_name") == "__lambda__" and isinstance(value.get("config"), dict):
+            config = dict(value["config"])
+            config["code"] = _code_key(config.get("code"))
+            return {**value, "config": _canonical(config)}
+        return {key: _canonical(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_canonical(item) for item in value)
+    return value
+
+
+def _code_key(code):
+    """A comparable description of a base64-marshalled code object (the string itself if it is not one)."""
+    if not isinstance(code, str):
+        return code
+    try:
+        loaded = marshal.loads(base64.b64decode(code.encode("ascii")))
+    except (ValueError, EOFError, TypeError, binascii.Error):
+        return code
+    return _code_tuple(loaded) if isinstance(loaded, types.CodeType) else code
+
+
+def _code_tuple(code: types.CodeType) -> tuple:
+    consts = tuple(_code_tuple(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts)
+    return (code.co_code, consts, code.co_names, code.co_varnames, code.co_argcount, code.co_kwonlyargcount)
 
 
 def _signature(model) -> list:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import marshal
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 from test_export import call, refuses_torch, run_tf_serving_loader
 
-from keras_snapshot import build_ensemble, export_saved_model
+from keras_snapshot import build_ensemble, export_saved_model, fusion
 
 L = keras.layers
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
@@ -276,3 +278,27 @@ def test_members_of_different_architectures_are_refused():
 def test_fuse_must_be_a_bool(snapshot_dir):
     with pytest.raises(TypeError, match="fuse"):
         build_ensemble(snapshot_dir, fuse="yes")
+
+
+def _halve_factory():
+    return lambda t: t * 0.5
+
+
+def test_lambda_bytecode_compares_by_what_it_is_not_by_marshal_flags():
+    # marshal's bytes for one code object change with reference counts (its FLAG_REF bits): two
+    # snapshots of one run saved at different moments held different strings for the same lambda,
+    # and fusion refused them as "not one architecture" (seen on JAX after other tests had run).
+    def serialized(code):
+        return {
+            "class_name": "__lambda__",
+            "config": {"code": base64.b64encode(code).decode(), "closure": None},
+        }
+
+    alone = marshal.dumps(_halve_factory().__code__)
+    function = _halve_factory()
+    code = function.__code__  # a second reference: marshal now flags it
+    held = marshal.dumps(code)
+    assert alone != held
+    assert fusion._canonical(serialized(alone)) == fusion._canonical(serialized(held))
+    other = marshal.dumps((lambda t: t * 0.25).__code__)
+    assert fusion._canonical(serialized(alone)) != fusion._canonical(serialized(other))
