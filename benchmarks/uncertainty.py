@@ -373,7 +373,8 @@ def compare(summary: dict, metric: str, higher: bool, score: str) -> dict:
         "spread": spread,
         "paired_gains": paired,
         "wins": f"{sum(g > 0 for g in paired)}/{len(paired)}",
-        "met": bool(gain > spread),
+        # One seed has no spread: no verdict.
+        "met": bool(gain > spread) if len(paired) > 1 else None,
     }
 
 
@@ -388,6 +389,10 @@ def targets(summary: dict) -> dict:
             "fixed": compare(summary, metric, higher, FIXED_SCORE),
         }
     return out
+
+
+def verdict(met: bool | None) -> str:
+    return "n/a (one seed: no spread)" if met is None else ("MET" if met else "NOT MET")
 
 
 def fmt(value: float, metric: str) -> str:
@@ -408,7 +413,7 @@ def target_lines(result: dict) -> list[str]:
                 f"model's max_probability {fmt(t['single'], metric)}: gain {fmt(t['gain'], metric)}{unit} vs spread "
                 f"{fmt(t['spread'], metric)}; per-seed gains "
                 f"{', '.join(fmt(g, metric) for g in t['paired_gains'])} (ensemble better on {t['wins']} seeds): "
-                f"**{'MET' if t['met'] else 'NOT MET'}**"
+                f"**{verdict(t['met'])}**"
             )
     return lines
 
@@ -437,7 +442,7 @@ def target_table(result: dict) -> str:
                     fmt(t["gain"], metric),
                     fmt(t["spread"], metric),
                     t["wins"],
-                    "**MET**" if t["met"] else "**NOT MET**",
+                    f"**{verdict(t['met'])}**",
                 ]
             )
     return _common.markdown_table(header, rows)
