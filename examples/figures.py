@@ -301,6 +301,9 @@ def plot_ood_histograms(path, panels: list, *, title: str = "") -> Path:
             share = counts / max(counts.sum(), 1.0)
             axis.stairs(share, edges, color=color, linewidth=1.6, label=f"{label} ({int(counts.sum())})")
             axis.stairs(share, edges, color=color, alpha=0.12, fill=True)
+        filled = np.flatnonzero(np.sum([np.asarray(c) for c in panel["counts"].values()], axis=0))
+        if filled.size:  # no empty tail
+            axis.set_xlim(edges[0], edges[min(filled[-1] + 2, len(edges) - 1)])
         axis.set_title(panel.get("title", ""), fontsize=9)
         axis.set_xlabel(panel.get("xlabel", "uncertainty score"), fontsize=8)
         axis.set_ylabel("share of the set's rows")
