@@ -35,7 +35,7 @@ that is another one; mean over seeds, band = sample std) and <name>.ood_histogra
 uncertainty scores of the in-distribution test rows, the near-OOD and the far-OOD rows, pooled over
 seeds: the single model's max probability and the ensemble's best score(s)).
 
-One command (about 10 minutes on 2 shared CPU cores):
+One command (4 to 10 minutes on 2 shared CPU cores, depending on their load):
 
     KERAS_BACKEND=tensorflow python benchmarks/uncertainty.py
 
