@@ -1,6 +1,6 @@
 """The pictures of the demo and the benchmark, drawn with matplotlib: the paper's Figures 2 and 3 (learning
 rate, ensemble size) and two about the ensemble's probabilities (a reliability diagram, a selective-prediction
-curve).
+curve, out-of-distribution score histograms).
 
 matplotlib is an optional extra (`pip install "keras-snapshot[plots]"`); `matplotlib_missing()` says why
 plotting is off, and the callers skip the pictures with that message instead of failing.
@@ -18,6 +18,7 @@ __all__ = [
     "matplotlib_missing",
     "plot_ensemble_size",
     "plot_lr_schedule",
+    "plot_ood_histograms",
     "plot_reliability",
     "plot_selective",
 ]
@@ -225,13 +226,16 @@ def plot_reliability(path, diagrams: dict, *, title: str = "") -> Path:
     return path
 
 
-def plot_selective(path, coverages, curves: dict, *, title: str = "", mark: float = 0.8) -> Path:
+def plot_selective(
+    path, coverages, curves: dict, *, title: str = "", mark: float = 0.8, styles: dict | None = None
+) -> Path:
     """Selective prediction: error (%) of the examples kept against the fraction kept (the most certain first).
 
     Args:
         coverages: the fractions kept (x axis).
         curves: {label: (errors per coverage, std per coverage or None)}.
         mark: a coverage to mark with a vertical line (the benchmark reports this one).
+        styles: optional {label: (color, linestyle)}; labels not in it take the default sequence.
     """
     import matplotlib
 
@@ -240,6 +244,7 @@ def plot_selective(path, coverages, curves: dict, *, title: str = "", mark: floa
 
     figure, axis = plt.subplots(figsize=(7, 4.2))
     coverages = np.asarray(coverages, dtype=float)
+    chosen = styles
     styles = iter(
         [
             (SNAPSHOT_COLOR, "-"),
@@ -250,7 +255,7 @@ def plot_selective(path, coverages, curves: dict, *, title: str = "", mark: floa
         ]
     )
     for label, (errors, std) in curves.items():
-        color, style = next(styles)
+        color, style = (chosen or {}).get(label) or next(styles)
         errors = np.asarray(errors, dtype=float)
         axis.plot(100 * coverages, errors, color=color, linestyle=style, marker=".", label=label)
         if std is not None:
@@ -264,6 +269,49 @@ def plot_selective(path, coverages, curves: dict, *, title: str = "", mark: floa
     axis.set_title(title or "Selective prediction", fontsize=10)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="upper left")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+OOD_COLORS = ("tab:blue", "tab:orange", "tab:red")
+
+
+def plot_ood_histograms(path, panels: list, *, title: str = "") -> Path:
+    """Histograms of an uncertainty score on in-distribution and out-of-distribution inputs, one panel per score.
+
+    Args:
+        panels: a list of {"title": str, "edges": bin edges (B + 1,), "counts": {label: counts (B,)},
+            "xlabel": str}; each set is drawn as a density (its counts divided by its total), so sets of
+            different sizes compare. The first set is the in-distribution one.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    for axis, panel in zip(axes[0], panels, strict=True):
+        edges = np.asarray(panel["edges"], dtype=float)
+        for color, (label, counts) in zip(OOD_COLORS, panel["counts"].items(), strict=False):
+            counts = np.asarray(counts, dtype=float)
+            share = counts / max(counts.sum(), 1.0)
+            axis.stairs(share, edges, color=color, linewidth=1.6, label=f"{label} ({int(counts.sum())})")
+            axis.stairs(share, edges, color=color, alpha=0.12, fill=True)
+        filled = np.flatnonzero(np.sum([np.asarray(c) for c in panel["counts"].values()], axis=0))
+        if filled.size:  # no empty tail
+            axis.set_xlim(edges[0], edges[min(filled[-1] + 2, len(edges) - 1)])
+        axis.set_title(panel.get("title", ""), fontsize=9)
+        axis.set_xlabel(panel.get("xlabel", "uncertainty score"), fontsize=8)
+        axis.set_ylabel("share of the set's rows")
+        axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="upper center")
+    if title:
+        figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,3 +152,74 @@ def test_every_committed_result_names_its_command():
         text = report.read_text()
         assert re.search(r"^Command: `[^`]*python benchmarks/\w+\.py[^`]*`", text, re.MULTILINE), report
         assert report.with_suffix(".json").is_file(), f"{report.name} has no JSON record"
+
+
+def _uncertainty_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("uncertainty_benchmark", BENCHMARKS / "uncertainty.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_uncertainty_report_from_records(tmp_path):
+    """uncertainty.py --aggregate-only on made-up seed records: the targets' verdicts and both pictures
+    (no training: the measurement itself takes minutes)."""
+    pytest.importorskip("matplotlib")
+    bench = _uncertainty_module()
+    argv = ["--aggregate-only", "--out", str(tmp_path), "--name", "toy"]
+    protocol = bench.protocol(bench.parse_args(argv))
+    grid, bins = len(bench.COVERAGES), bench.HISTOGRAM_BINS
+
+    def metrics(aurc, near, far):
+        return {"aurc": aurc, "augrc": aurc / 2, "error_at_80": 2 * aurc, "near_auroc": near,
+                "near_fpr95": 0.5, "far_auroc": far, "far_fpr95": 0.4}  # fmt: skip
+
+    records = []
+    for seed, noise in enumerate((-0.01, 0.0, 0.01)):
+        single = metrics(0.03 + noise / 10, 0.80 + noise, 0.80 + noise)
+        models = {
+            "single": {"max_probability": single, "entropy": metrics(0.031, 0.81, 0.82)},
+            # near: far beyond the spread; far: a tie with the single model; AURC: 1 point lower
+            "ensemble": {
+                "max_probability": metrics(0.02 + noise / 10, 0.85, 0.80 + noise),
+                "entropy": metrics(0.021, 0.90 + noise, 0.79 + noise),
+                "mutual_information": metrics(0.04, 0.88, 0.78),
+                "disagreement": metrics(0.08, 0.6, 0.6),
+            },
+        }
+        models["last snapshot"] = {k: models["single"][k] for k in ("max_probability", "entropy")}
+        models["student"] = dict(models["last snapshot"])
+        for name, model in models.items():
+            model["error"], model["temperature"] = 0.12 if name != "ensemble" else 0.11, 1.3
+        keys = [f"{m}/{s}" for m, scores in models.items() for s in scores if s in bench.SCORES]
+        records.append(
+            {
+                "seed": seed,
+                "protocol": protocol,
+                "seconds": 1.0,
+                "models": models,
+                "student": {"call": "distill(...)", "optimizer": "SGD", "learning_rate": "CosineDecay"},
+                "coverages": list(bench.COVERAGES),
+                "curves": {k: list(np.linspace(0.0, 0.12, grid)) for k in keys},
+                "histograms": {k: {s: [seed + 1] * bins for s in bench.OOD_SETS} for k in keys},
+            }
+        )
+    (tmp_path / "toy.runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert bench.main(argv) == 0
+    report = (tmp_path / "toy.md").read_text()
+    verdicts = re.findall(r"^- (.+?), ensemble (\w+) \((best|fixed)[^*]*\*\*(MET|NOT MET)\*\*$", report, re.M)
+    found = {(label, kind): (score, verdict) for label, score, kind, verdict in verdicts}
+    assert found == {
+        ("near-OOD AUROC", "best"): ("entropy", "MET"),
+        ("near-OOD AUROC", "fixed"): ("entropy", "MET"),
+        ("far-OOD AUROC", "best"): ("max_probability", "NOT MET"),
+        ("far-OOD AUROC", "fixed"): ("entropy", "NOT MET"),
+        ("AURC", "best"): ("max_probability", "MET"),
+        ("AURC", "fixed"): ("entropy", "MET"),
+    }, report
+    record = json.loads((tmp_path / "toy.json").read_text())
+    assert record["targets"]["aurc"]["best"]["gain"] == pytest.approx(0.01)
+    for picture in ("toy.risk_coverage.png", "toy.ood_histograms.png"):
+        assert (tmp_path / picture).stat().st_size > 10_000
