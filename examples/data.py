@@ -74,6 +74,26 @@ class Dataset:
         )
 
 
+def far_ood(data: Dataset, seed: int = 0) -> tuple[np.ndarray, str]:
+    """Out-of-distribution images shaped like `data`'s test images, with no download.
+
+    28x28 grey images (Fashion-MNIST, MNIST): scikit-learn's 1,797 8x8 digits, scaled up 3x and centred as
+    MNIST's digits are. Any other shape: the test images with their pixels shuffled by one fixed
+    permutation (the same intensities, no structure).
+    """
+    shape = data.x_test.shape[1:]
+    if shape == (28, 28, 1):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits().images / 16.0  # (1797, 8, 8) in [0, 1]
+        images = np.zeros((len(digits), 28, 28, 1), dtype=np.float32)
+        images[:, 2:26, 2:26, 0] = np.kron(digits, np.ones((1, 3, 3)))
+        return images, "scikit-learn's 8x8 digits scaled up to 28x28"
+    permutation = np.random.default_rng(seed).permutation(int(np.prod(shape)))
+    flat = data.x_test.reshape(len(data.x_test), -1)[:, permutation]
+    return flat.reshape(data.x_test.shape).astype(np.float32), "the test images, pixels shuffled"
+
+
 def _read_idx_gz(path: Path) -> np.ndarray:
     """Reads one idx file (the MNIST format: big-endian magic, dims, then uint8 data), gzip-compressed."""
     with gzip.open(path, "rb") as handle:

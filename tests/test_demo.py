@@ -148,11 +148,25 @@ def test_demo_trains_builds_exports_and_prints_the_table(smoke):
     assert isinstance(results["weight_average_guard"]["snapshots"]["guard_fired"], bool)
     # floats are rounded for reading (5 significant digits)
     assert all(float(f"{v:.5g}") == v for v in _floats(results))
+    # OOD detection: every model's score against the same OOD images, in the output and in the JSON
+    assert "Out-of-distribution detection: 397 test images vs 397 OOD images" in output
+    ood = results["ood"]
+    assert ood["rows"] == 397 and "pixels shuffled" in ood["source"]
+    assert set(ood["metrics"]) == {
+        "single model, 1 - max probability",
+        "last snapshot, 1 - max probability",
+        "snapshot ensemble (M=2), 1 - max probability",
+        "snapshot ensemble (M=2), entropy",
+        "snapshot ensemble (M=2), mutual information",
+    }
+    for metrics in ood["metrics"].values():
+        assert 0 <= metrics["auroc"] <= 1 and 0 <= metrics["aupr"] <= 1 and 0 <= metrics["fpr95"] <= 1
+    assert "last snapshot, ranked by max probability" in results["selective_test_error_at_80%"]
     with np.load(out / "test.npz") as arrays:
         assert arrays["x"].shape == (397, 8, 8, 1) and arrays["y"].shape == (397,)
         assert arrays["x"].dtype == np.float32 and set(np.unique(arrays["y"])) <= set(range(10))
     if HAS_MATPLOTLIB:
-        for name in ("lr_schedule.png", "ensemble_size.png", "reliability.png", "selective.png"):
+        for name in ("lr_schedule.png", "ensemble_size.png", "reliability.png", "selective.png", "ood.png"):
             assert (out / name).read_bytes()[:8] == PNG_MAGIC
     else:
         assert "skipping the pictures" in output
@@ -380,3 +394,26 @@ def test_digits_dataset():
     assert (len(dataset.x_train), len(dataset.x_val), len(dataset.x_test)) == (1200, 200, 397)
     assert dataset.input_shape == (8, 8, 1)
     assert set(np.unique(dataset.y_test)) == set(range(10))
+
+
+def test_far_ood_images_need_no_download():
+    data_module = _import(ROOT / "examples" / "data.py", "data_under_test")
+    Dataset, far_ood = data_module.Dataset, data_module.far_ood
+    rng = np.random.default_rng(0)
+
+    def dataset(shape):
+        images = rng.random((6, *shape), dtype=np.float32)
+        labels = np.zeros(6, "int32")
+        return Dataset("x", images, labels, images, labels, images, labels, 10, "made up")
+
+    digits, source = far_ood(dataset((28, 28, 1)))
+    assert digits.shape == (1797, 28, 28, 1) and digits.dtype == np.float32 and "digits" in source
+    assert digits.min() == 0.0 and digits.max() == 1.0 and not digits[:, :2].any()  # centred, a blank border
+    data = dataset((8, 8, 1))
+    shuffled, source = far_ood(data)
+    assert shuffled.shape == data.x_test.shape and "shuffled" in source
+    # the same intensities per image, in other places
+    np.testing.assert_array_equal(
+        np.sort(shuffled.reshape(6, -1), axis=1), np.sort(data.x_test.reshape(6, -1), axis=1)
+    )
+    assert not np.array_equal(shuffled, data.x_test)
