@@ -39,6 +39,18 @@ def matplotlib_missing() -> str | None:
     return None
 
 
+def _save(figure, path, rect=None) -> Path:
+    """Lays out (within `rect` if given), writes (creating the folder) and closes a figure."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout(**({"rect": rect} if rect else {}))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def plot_lr_schedule(
     path,
     *,
@@ -107,12 +119,7 @@ def plot_lr_schedule(
         bottom.set_ylabel("training loss (epoch mean)")
         bottom.legend(loc="upper right", fontsize=8)
     axes[-1, 0].set_xlabel("epoch")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def plot_ensemble_size(
@@ -168,12 +175,7 @@ def plot_ensemble_size(
     axis.legend(fontsize=8)
     if note:
         figure.text(0.5, 0.01, note, ha="center", va="bottom", fontsize=8, style="italic")
-    figure.tight_layout(rect=(0, 0.05 if note else 0, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, path, rect=(0, 0.05 if note else 0, 1, 1))
 
 
 def plot_reliability(path, diagrams: dict, *, title: str = "") -> Path:
@@ -218,12 +220,7 @@ def plot_reliability(path, diagrams: dict, *, title: str = "") -> Path:
     bottom.set_yscale("log")
     bottom.set_ylabel("share of examples")
     bottom.set_xlabel("top-1 confidence (15 equal-width bins); below the diagonal = overconfident")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def plot_selective(
@@ -269,12 +266,7 @@ def plot_selective(
     axis.set_title(title or "Selective prediction", fontsize=10)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="upper left")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 OOD_COLORS = ("tab:blue", "tab:orange", "tab:red")
@@ -312,9 +304,4 @@ def plot_ood_histograms(path, panels: list, *, title: str = "") -> Path:
         axis.legend(fontsize=7, loc="upper center")
     if title:
         figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
