@@ -26,8 +26,6 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-import keras
-
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; one writer per directory is then the user's care
@@ -40,6 +38,8 @@ TEMP_PREFIX = ".tmp-"
 
 def is_chief(model) -> bool:
     """Whether this process writes files: only one worker of a multi-worker run may."""
+    import keras  # here, not at the top: `keras-snapshot info` reads manifests without Keras
+
     backend = keras.backend.backend()
     if backend == "tensorflow":
         strategy = getattr(model, "distribute_strategy", None)
