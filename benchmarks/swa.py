@@ -441,10 +441,14 @@ def report(args, records: list[dict], seconds: float) -> None:
                 snaps[s]["uniform"]["test_error"],
                 students[s]["test_error"],
             )
-            ratio = (one - stu) / (one - ens) if one != ens else float("nan")
+            ratio = (
+                f"{(one - stu) / (one - ens):.2f}"
+                if one > ens
+                else "n/a (the ensemble did not beat the single model)"
+            )
             lines.append(
                 f"seed {s}: single {one:.2f}, ensemble (uniform) {ens:.2f}, student {stu:.2f}, recovery "
-                f"(single - student) / (single - ensemble) {ratio:.2f}"
+                f"(single - student) / (single - ensemble) {ratio}"
             )
         if lines:
             verdicts.append("- Distilled student: " + "; ".join(lines) + ".")
