@@ -322,6 +322,21 @@ def verdict_line(label: str, single: dict, swa: dict) -> str:
     )
 
 
+def own_last_weights_line(label: str, swa: dict) -> str:
+    """Paired gain of an SWA row over the same run's last weights (the same run, the same machine)."""
+    import numpy as np
+
+    seeds = sorted(swa)
+    gains = np.array([swa[s]["last_weights"]["test_error"] - swa[s]["test_error"] for s in seeds])
+    nll = np.array([swa[s]["last_weights"]["val_nll"] - swa[s]["val_nll"] for s in seeds])
+    per_seed = ", ".join(f"seed {s}: {g:+.2f}" for s, g in zip(seeds, gains, strict=True))
+    std = f", sample std of the per-seed gains {gains.std(ddof=1):.2f}" if len(seeds) > 1 else ""
+    return (
+        f"  - paired with the same run's last weights: test error gain {gains.mean():+.2f} points ({per_seed}{std}); "
+        f"validation NLL lowered on {int((nll > 0).sum())} of {len(seeds)} seeds."
+    )
+
+
 def report(args, records: list[dict], seconds: float) -> None:
     import numpy as np
 
@@ -413,6 +428,7 @@ def report(args, records: list[dict], seconds: float) -> None:
         for label, results in candidates + tuned:
             if results:
                 verdicts.append(verdict_line(label, single, results))
+                verdicts.append(own_last_weights_line(label, results))
         if tuned:
             best = min(tuned, key=lambda item: np.mean([r["test_error"] for r in item[1].values()]))
             verdicts.append(
