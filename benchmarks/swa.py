@@ -449,6 +449,15 @@ def report(args, records: list[dict], seconds: float) -> None:
             f"- Greedy selection never worse than uniform on validation NLL: **{'MET' if never_worse else 'NOT MET'}** "
             f"({detail})."
         )
+    if students and single:
+        verdicts.append(
+            verdict_line(
+                "Distilled student (1x serving, the snapshot run + the student's epochs; the same rule as SWA's "
+                "target)",
+                single,
+                students,
+            )
+        )
     if students and single and snaps:
         lines = []
         for s in sorted(set(students) & set(single) & set(snaps)):
