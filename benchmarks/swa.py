@@ -3,14 +3,22 @@ weights, on the reduced CPU protocol of benchmarks/results/accuracy.cpu.md.
 
 Rows (Fashion-MNIST subset, the BatchNorm CNN of examples/training.py, batch 64, SGD + Nesterov 0.9):
 
-- single model: the step schedule (rate 0.1, x0.1 at 50 % and 75 % of the steps), `--epochs` epochs;
-- SWA at the same budget: rate 0.1, x0.1 at 50 % (a LearningRateScheduler), then from 75 % of the epochs
-  StochasticWeightAveraging at a constant SWA rate (`--swa-rate`, no annealing), averaged at every epoch
-  end, BatchNorm statistics recomputed on the training images;
-- SWA at 1.25x the budget: the same first 75 % of `--epochs`, then a SWA phase 1.25x - 0.75 = 50 % of the
-  budget long;
-- snapshot ensemble (M = `--cycles`, alpha0 = 0.2): uniform mean, weights fitted on the validation split
-  (fit_ensemble_weights), greedy selection on the validation split (greedy_selection). Serving: M passes.
+- single model (`single`): the step schedule (rate 0.1, x0.1 at 50 % and 75 % of the steps), `--epochs` epochs;
+- SWA, library defaults (`swa_defaults`): the single model's run with
+  `StochasticWeightAveraging(bn_data=x_train)` and no other argument: averaging from 75 % of the epochs at
+  every epoch end, the rate left to the step schedule (so 0.001 during the averaging), BatchNorm statistics
+  recomputed on the training images;
+- SWA, tuned, at the same budget (`swa_1x`): rate 0.1, x0.1 at 50 % (a LearningRateScheduler, per epoch),
+  then from epoch int(0.75 * epochs) a constant SWA rate (`--swa-rate`, annealing_epochs=0), averaged at
+  every epoch end, BatchNorm statistics recomputed on the training images;
+- SWA, tuned, at 1.25x the budget (`swa_1.25x`): the same first 75 % of `--epochs`, then a SWA phase
+  1.25x - 0.75 = 50 % of the budget long;
+- snapshot ensemble (`snapshot`, M = `--cycles`, alpha0 = 0.2): uniform mean, weights fitted on the
+  validation split (fit_ensemble_weights), greedy selection on the validation split (greedy_selection).
+  Serving: M passes. The snapshots are kept in `--snapshot-dir`/seed<k> for the student;
+- distilled student (`distill`): `keras_snapshot.distill(snapshot_dir, x_train)` with distill's defaults on
+  that seed's kept snapshots (skipped when they are not there). Serving: 1 pass; training: the snapshot
+  run plus the student's epochs.
 
 Weights and selections use the validation split only; the test set is only reported.
 
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -34,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "examples"))
 import _common  # noqa: E402
 
-METHODS = ("single", "swa_1x", "swa_1.25x", "snapshot")
+# Run order within a seed: the defaults first (what a user gets), the tuned SWA rows after the ensemble.
+METHODS = ("single", "swa_defaults", "snapshot", "swa_1x", "swa_1.25x", "distill")
 
 
 def parse_args(argv=None):
@@ -45,6 +55,18 @@ def parse_args(argv=None):
     parser.add_argument("--alpha0", type=float, default=0.2, help="snapshot ensemble's alpha0")
     parser.add_argument("--swa-rate", type=float, default=0.01, help="the constant rate of the SWA phase")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS),
+        help="which rows to run (in METHODS order)",
+    )
+    parser.add_argument(
+        "--snapshot-dir",
+        default=str(Path(tempfile.gettempdir()) / "swa-bench-snapshots"),
+        help="where the snapshot run keeps its members (<dir>/<name>/seed<k>) for the distilled student",
+    )
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--name", default="swa.cpu")
@@ -106,6 +128,48 @@ def run_swa(args, data, seed: int, budget: float) -> dict:
     return result
 
 
+def run_swa_defaults(args, data, seed: int) -> dict:
+    """The single model's run (train_single's recipe) with StochasticWeightAveraging(bn_data=x_train) only."""
+    import math
+
+    from training import EqualIntervalWeights, build_cnn, compile_sgd, predict_probabilities, step_schedule
+
+    import keras_snapshot
+
+    model = build_cnn(data.input_shape, data.num_classes, width=args.width, seed=seed)
+    steps_per_epoch = math.ceil(len(data.x_train) / args.batch_size)
+    compile_sgd(model, step_schedule(0.1, args.epochs * steps_per_epoch))
+    swa = keras_snapshot.StochasticWeightAveraging(bn_data=data.x_train)  # the library's defaults
+    model.fit(
+        data.x_train,
+        data.y_train,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        shuffle=True,
+        verbose=0,
+        callbacks=[EqualIntervalWeights(()), swa],  # train_single's callbacks, plus the SWA callback
+    )
+    result = scores(predict_probabilities(model, data.x_val), predict_probabilities(model, data.x_test), data)
+    before = build_cnn(data.input_shape, data.num_classes, width=args.width, seed=seed)
+    before.set_weights(swa.final_weights)
+    result["last_weights"] = scores(
+        predict_probabilities(before, data.x_val), predict_probabilities(before, data.x_test), data
+    )
+    result.update(
+        epochs=args.epochs,
+        swa_start_epoch=int(0.75 * args.epochs),
+        averaged_points=swa.count,
+        passes=1,
+        defaults={
+            "start_epoch": swa.start_epoch,
+            "swa_learning_rate": swa.swa_learning_rate,
+            "annealing_epochs": swa.annealing_epochs,
+            "average_every": swa.average_every,
+        },
+    )
+    return result
+
+
 def run_single(args, data, seed: int) -> dict:
     from training import build_cnn, predict_probabilities, train_single
 
@@ -122,23 +186,25 @@ def run_snapshot(args, data, seed: int) -> dict:
 
     import keras_snapshot
 
-    with tempfile.TemporaryDirectory(prefix="swa-bench-") as tmp:
-        directory = Path(tmp) / "snapshots"
-        model = build_cnn(data.input_shape, data.num_classes, width=args.width, seed=seed)
-        train_snapshots(
-            model,
-            data,
-            directory,
-            epochs=args.epochs,
-            cycles=args.cycles,
-            batch_size=args.batch_size,
-            alpha0=args.alpha0,
-            verbose=0,
-        )
-        members = load_snapshots(directory)
-        val = np.stack([predict_probabilities(m, data.x_val) for m in members])
-        test = np.stack([predict_probabilities(m, data.x_test) for m in members])
-        fitted = keras_snapshot.fit_ensemble_weights(directory, (data.x_val, data.y_val))
+    directory = snapshot_dir(args, seed)
+    if directory.exists():
+        shutil.rmtree(directory)  # a run cut off earlier: start afresh
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    model = build_cnn(data.input_shape, data.num_classes, width=args.width, seed=seed)
+    train_snapshots(
+        model,
+        data,
+        directory,
+        epochs=args.epochs,
+        cycles=args.cycles,
+        batch_size=args.batch_size,
+        alpha0=args.alpha0,
+        verbose=0,
+    )
+    members = load_snapshots(directory)
+    val = np.stack([predict_probabilities(m, data.x_val) for m in members])
+    test = np.stack([predict_probabilities(m, data.x_test) for m in members])
+    fitted = keras_snapshot.fit_ensemble_weights(directory, (data.x_val, data.y_val))
     counts = keras_snapshot.greedy_selection(val, data.y_val)
     result = {"epochs": args.epochs, "passes": len(members)}
     for name, weights in (
@@ -154,6 +220,40 @@ def run_snapshot(args, data, seed: int) -> dict:
     return result
 
 
+def snapshot_dir(args, seed: int) -> Path:
+    return Path(args.snapshot_dir) / args.name / f"seed{seed}"
+
+
+def run_distill(args, data, seed: int) -> dict | None:
+    """distill with its defaults on the kept snapshots of this seed's snapshot run; None when they are gone."""
+    import inspect
+
+    import keras
+    from training import predict_probabilities
+
+    import keras_snapshot
+
+    directory = snapshot_dir(args, seed)
+    if not directory.exists() or not any(directory.glob("*.keras")):
+        print(f"distill seed {seed}: no kept snapshots in {directory}, skipped", flush=True)
+        return None
+    keras.utils.set_random_seed(1000 + seed)
+    student = keras_snapshot.distill(str(directory), data.x_train, verbose=0)  # no optional argument
+    result = scores(
+        predict_probabilities(student, data.x_val), predict_probabilities(student, data.x_test), data
+    )
+    defaults = inspect.signature(keras_snapshot.distill).parameters
+    optimizer = student.optimizer
+    result.update(
+        epochs=args.epochs,
+        distill_epochs=defaults["epochs"].default,
+        passes=1,
+        defaults={name: defaults[name].default for name in ("epochs", "batch_size", "temperature", "alpha")},
+        optimizer=type(optimizer).__name__ if optimizer is not None else None,
+    )
+    return result
+
+
 def records_path(args) -> Path:
     return _common.RESULTS_DIR / f"{args.name}.runs.jsonl"
 
@@ -166,21 +266,75 @@ def read_records(args) -> list[dict]:
 
 
 def mean_std(values) -> str:
+    """Mean ± sample std (ddof=1) over seeds; the bare value for one seed."""
     import numpy as np
 
     values = np.asarray(values, dtype=float)
     if len(values) == 0:
         return "n/a"
-    std = values.std(ddof=1) if len(values) > 1 else 0.0
-    return f"{values.mean():.2f} ± {std:.2f}"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
 
 
 def mean_std4(values) -> str:
     import numpy as np
 
     values = np.asarray(values, dtype=float)
-    std = values.std(ddof=1) if len(values) > 1 else 0.0
-    return f"{values.mean():.4f} ± {std:.4f}"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
+
+
+SINGLE = "single model (step schedule)"
+DEFAULTS = "SWA, library defaults: the single model's run + StochasticWeightAveraging(bn_data=x_train)"
+TUNED_1X = "SWA, tuned, same budget"
+TUNED_125X = "SWA, tuned, 1.25x budget"
+TUNED_CHANGES = (
+    "changed from the defaults: the schedule before averaging (0.1, then 0.01 from 50 % of the epochs, per "
+    "epoch), swa_learning_rate={rate} (default None: the rate left alone), annealing_epochs=0 (default 10), "
+    "start_epoch={start} as an integer (the default 0.75 gives the same epoch at 1x, epoch {start125} at 1.25x)"
+)
+
+
+def verdict_line(label: str, single: dict, swa: dict) -> str:
+    """Gain of an SWA row over the single model on their common seeds, against the seeds' spread."""
+    import numpy as np
+
+    seeds = sorted(set(single) & set(swa))
+    if not seeds:
+        return f"- {label} vs the single model: no common seed, no verdict."
+    a = np.array([single[s]["test_error"] for s in seeds])
+    b = np.array([swa[s]["test_error"] for s in seeds])
+    gain = float(a.mean() - b.mean())
+    per_seed = ", ".join(f"seed {s}: {g:+.2f}" for s, g in zip(seeds, a - b, strict=True))
+    if len(seeds) < 2:
+        return (
+            f"- {label} vs the single model: test error gain {gain:+.2f} points on seed {seeds[0]} only: the "
+            "seeds' spread needs 2 seeds, **no verdict**."
+        )
+    spread = float(a.std(ddof=1) + b.std(ddof=1))
+    met = gain > spread
+    return (
+        f"- {label} vs the single model (seeds {', '.join(map(str, seeds))}): test error gain {gain:+.2f} points "
+        f"({per_seed}); seeds' spread {spread:.2f} (the single model's sample std over seeds + this row's, "
+        f"ddof=1): target (gain > spread) **{'MET' if met else 'NOT MET'}**."
+    )
+
+
+def own_last_weights_line(label: str, swa: dict) -> str:
+    """Paired gain of an SWA row over the same run's last weights (the same run, the same machine)."""
+    import numpy as np
+
+    seeds = sorted(swa)
+    gains = np.array([swa[s]["last_weights"]["test_error"] - swa[s]["test_error"] for s in seeds])
+    nll = np.array([swa[s]["last_weights"]["val_nll"] - swa[s]["val_nll"] for s in seeds])
+    per_seed = ", ".join(f"seed {s}: {g:+.2f}" for s, g in zip(seeds, gains, strict=True))
+    std = f", sample std of the per-seed gains {gains.std(ddof=1):.2f}" if len(seeds) > 1 else ""
+    return (
+        f"  - paired with the same run's last weights: test error gain {gains.mean():+.2f} points ({per_seed}{std}); "
+        f"validation NLL lowered on {int((nll > 0).sum())} of {len(seeds)} seeds."
+    )
 
 
 def report(args, records: list[dict], seconds: float) -> None:
@@ -191,12 +345,15 @@ def report(args, records: list[dict], seconds: float) -> None:
         by.setdefault(record["method"], {})[record["seed"]] = record["result"]
     rows, table = [], {}
 
-    def add(label, results, passes, budget):
-        if not results:
+    def add(label, results_by_seed, passes, budget):
+        if not results_by_seed:
             return
+        seeds = sorted(results_by_seed)
+        results = [results_by_seed[s] for s in seeds]
         table[label] = {
-            "seeds": len(results),
+            "seeds": seeds,
             "test_error": [r["test_error"] for r in results],
+            "val_error": [r["val_error"] for r in results],
             "val_nll": [r["val_nll"] for r in results],
         }
         rows.append(
@@ -208,58 +365,124 @@ def report(args, records: list[dict], seconds: float) -> None:
                 mean_std([r["test_error"] for r in results]),
                 mean_std4([r["val_nll"] for r in results]),
                 mean_std4([r["test_nll"] for r in results]),
-                len(results),
+                ", ".join(map(str, seeds)),
             ]
         )
 
     e = args.epochs
-    add("single model (step schedule)", list(by.get("single", {}).values()), 1, f"{e} epochs (1x)")
-    swa1 = list(by.get("swa_1x", {}).values())
-    add("SWA, same budget (last 25 %: constant rate)", swa1, 1, f"{e} epochs (1x)")
-    add("  the same run's last weights (before averaging)", [r["last_weights"] for r in swa1], 1, "1x")
-    swa125 = list(by.get("swa_1.25x", {}).values())
-    add("SWA, 1.25x budget", swa125, 1, f"{round(1.25 * e)} epochs (1.25x)")
-    snaps = list(by.get("snapshot", {}).values())
+    start = int(0.75 * e)
+    single = by.get("single", {})
+    add(SINGLE, single, 1, f"{e} epochs (1x)")
+    defaults = by.get("swa_defaults", {})
+    add(DEFAULTS, defaults, 1, f"{e} epochs (1x) + a BN pass")
+    add(
+        "  the same run's last weights (before averaging: the single model's recipe)",
+        {s: r["last_weights"] for s, r in defaults.items()},
+        1,
+        "1x",
+    )
+    swa1 = by.get("swa_1x", {})
+    add(f"{TUNED_1X} (SWA rate {args.swa_rate} for the last 25 %)", swa1, 1, f"{e} epochs (1x) + a BN pass")
+    add(
+        "  the same run's last weights (before averaging)",
+        {s: r["last_weights"] for s, r in swa1.items()},
+        1,
+        "1x",
+    )
+    swa125 = by.get("swa_1.25x", {})
+    add(
+        f"{TUNED_125X} (SWA rate {args.swa_rate} for epochs {start}-{round(1.25 * e) - 1})",
+        swa125,
+        1,
+        f"{round(1.25 * e)} epochs (1.25x) + a BN pass",
+    )
+    snaps = by.get("snapshot", {})
     m = args.cycles
     for name, label in (
         ("uniform", "uniform"),
         ("fit", "fitted on validation"),
         ("greedy", "greedy selection"),
     ):
-        results = [r[name] for r in snaps]
-        passes = "/".join(sorted({str(r["passes"]) for r in results})) if results else m
+        results = {s: r[name] for s, r in snaps.items()}
+        passes = "/".join(sorted({str(r["passes"]) for r in results.values()})) if results else m
         add(f"snapshot ensemble (M={m}), {label}", results, passes, f"{e} epochs (1x)")
+    students = by.get("distill", {})
+    if students:
+        extra = sorted({r["distill_epochs"] for r in students.values()})
+        add(
+            "distilled student: distill(snapshot_dir, x_train), distill's defaults",
+            students,
+            1,
+            f"{e} + {'/'.join(map(str, extra))} epochs (the snapshot run + the student)",
+        )
     header = ["model", "passes", "training", "val error %", "test error %", "val NLL", "test NLL", "seeds"]
     greedy_lines = [
         f"- seed {seed}: counts {r['greedy']['counts']}, fitted weights {r['fit']['weights']}"
-        for seed, r in sorted(by.get("snapshot", {}).items())
+        for seed, r in sorted(snaps.items())
     ]
     verdicts = []
-    single = table.get("single model (step schedule)")
-    swa = table.get("SWA, same budget (last 25 %: constant rate)")
-    if single and swa:
-        gain = np.mean(single["test_error"]) - np.mean(swa["test_error"])
-        spread = (np.std(single["test_error"], ddof=1) if len(single["test_error"]) > 1 else 0) + (
-            np.std(swa["test_error"], ddof=1) if len(swa["test_error"]) > 1 else 0
+    if single:
+        candidates = [("SWA, library defaults (1x serving, same budget)", defaults)]
+        tuned = [(f"{TUNED_1X} (1x serving)", swa1), (f"{TUNED_125X} (1x serving)", swa125)]
+        tuned = [(label, results) for label, results in tuned if results]
+        for label, results in candidates + tuned:
+            if results:
+                verdicts.append(verdict_line(label, single, results))
+                verdicts.append(own_last_weights_line(label, results))
+        if tuned:
+            best = min(tuned, key=lambda item: np.mean([r["test_error"] for r in item[1].values()]))
+            verdicts.append(
+                f"- Best tuned row by mean test error (chosen on the test set, so for this report only): {best[0]}."
+            )
+    if snaps:
+        seeds = sorted(snaps)
+        never_worse = all(
+            snaps[s]["greedy"]["val_nll"] <= snaps[s]["uniform"]["val_nll"] + 1e-12 for s in seeds
         )
-        verdicts.append(
-            f"- SWA (1x serving, same budget) vs the single model: test error gain {gain:+.2f} points, seeds' "
-            f"spread {spread:.2f}: target (gain > spread) **{'MET' if gain > spread else 'NOT MET'}**."
+        detail = "; ".join(
+            f"seed {s}: val NLL greedy {snaps[s]['greedy']['val_nll']:.4f} vs uniform "
+            f"{snaps[s]['uniform']['val_nll']:.4f}, test error greedy {snaps[s]['greedy']['test_error']:.2f} % vs "
+            f"uniform {snaps[s]['uniform']['test_error']:.2f} %"
+            for s in seeds
         )
-    uniform = table.get(f"snapshot ensemble (M={m}), uniform")
-    greedy = table.get(f"snapshot ensemble (M={m}), greedy selection")
-    if uniform and greedy:
-        never_worse = all(g <= u + 1e-12 for g, u in zip(greedy["val_nll"], uniform["val_nll"], strict=True))
         verdicts.append(
             f"- Greedy selection never worse than uniform on validation NLL: **{'MET' if never_worse else 'NOT MET'}** "
-            f"(per seed: greedy {[round(v, 4) for v in greedy['val_nll']]} vs uniform "
-            f"{[round(v, 4) for v in uniform['val_nll']]}); test errors are in the table."
+            f"({detail})."
         )
+    if students and single:
+        verdicts.append(
+            verdict_line(
+                "Distilled student (1x serving, the snapshot run + the student's epochs; the same rule as SWA's "
+                "target)",
+                single,
+                students,
+            )
+        )
+    if students and single and snaps:
+        lines = []
+        for s in sorted(set(students) & set(single) & set(snaps)):
+            one, ens, stu = (
+                single[s]["test_error"],
+                snaps[s]["uniform"]["test_error"],
+                students[s]["test_error"],
+            )
+            ratio = (
+                f"{(one - stu) / (one - ens):.2f}"
+                if one > ens
+                else "n/a (the ensemble did not beat the single model)"
+            )
+            lines.append(
+                f"seed {s}: single {one:.2f}, ensemble (uniform) {ens:.2f}, student {stu:.2f}, recovery "
+                f"(single - student) / (single - ensemble) {ratio}"
+            )
+        if lines:
+            verdicts.append("- Distilled student: " + "; ".join(lines) + ".")
     info = _common.machine()
+    methods = "" if list(args.methods) == list(METHODS) else f" --methods {' '.join(args.methods)}"
     command = (
         f"KERAS_BACKEND=tensorflow python benchmarks/swa.py --train-size {args.train_size} --epochs {args.epochs} "
         f"--cycles {args.cycles} --seeds {' '.join(map(str, args.seeds))} --width {args.width} "
-        f"--swa-rate {args.swa_rate} --name {args.name}"
+        f"--swa-rate {args.swa_rate} --name {args.name}{methods}"
     )
     markdown = "\n".join(
         [
@@ -273,20 +496,39 @@ def report(args, records: list[dict], seconds: float) -> None:
             f"- machine: {info['cpu']}, nproc={info['nproc']}, {info['platform']}, Python {info['python']}; "
             "shared with other jobs, so the run times below are not a measure of cost",
             f"- versions: {', '.join(f'{k} {v}' for k, v in info['versions'].items())}; code: commit "
-            f"{info.get('commit')}",
+            f"{info.get('commit')} (of this report; each run's commit is in the runs list when recorded)",
             "- runs: "
             + "; ".join(
-                f"{r['method']} seed {r['seed']} {r['seconds']:.0f} s (load {r['loadavg'][0] if r['loadavg'] else '?'})"
+                f"{r['method']} seed {r['seed']} {r['seconds']:.0f} s (load {r['loadavg'][0] if r['loadavg'] else '?'}"
+                + (f", commit {r['commit']}" if r.get("commit") else "")
+                + ")"
                 for r in records
             ),
             "",
             f"Protocol (reduced CPU protocol, as benchmarks/results/accuracy.cpu.md): Fashion-MNIST, {args.train_size} "
             f"training images, the validation split for weights/selection, the 10,000 test images reported; CNN "
             f"width {args.width}, batch {args.batch_size}, SGD + Nesterov 0.9, weight decay 5e-4. Single model: rate "
-            f"0.1, x0.1 at 50 % and 75 % of the steps. SWA: rate 0.1, 0.01 from 50 % of the epochs, then from epoch "
-            f"{int(0.75 * e)} (0-based) the constant SWA rate {args.swa_rate}, averaged at every epoch end, BatchNorm "
-            f"statistics recomputed on the training images. Snapshot ensemble: M = {m}, alpha0 = {args.alpha0}. "
-            "Errors in %, NLL in nats, mean ± sample std over seeds. Passes = forward passes per prediction.",
+            f"0.1, x0.1 at 50 % and 75 % of the steps.",
+            "",
+            "- **SWA, library defaults** (the row the library's defaults give): the single model's run, same "
+            "schedule, with `StochasticWeightAveraging(bn_data=x_train)` and no other argument. The defaults: "
+            f"start_epoch=0.75 (int(0.75 * {e}) = epoch {start}, 0-based), swa_learning_rate=None (the callback "
+            "leaves the rate to the step schedule, so the averaging runs at 0.1 x 0.01 = 0.001), annealing_epochs=10 "
+            "and annealing_strategy='cos' (unused without a SWA rate), average_every='epoch' (at every epoch end "
+            f"of epochs {start}-{e - 1}: {e - start} points), BatchNorm statistics recomputed on the training images.",
+            f"- **SWA, tuned** (the rows labelled tuned; {TUNED_CHANGES.format(rate=args.swa_rate, start=start, start125=int(0.75 * round(1.25 * e)))}): "
+            f"rate 0.1, 0.01 from epoch {e // 2}, then from epoch {start} (0-based) the constant SWA rate "
+            f"{args.swa_rate}, averaged at every epoch end, BatchNorm statistics recomputed on the training images; "
+            f"the 1.25x row runs {round(1.25 * e)} epochs, its SWA phase epochs {start}-{round(1.25 * e) - 1}.",
+            f"- Snapshot ensemble: M = {m}, alpha0 = {args.alpha0}; weights fitted (fit_ensemble_weights) and "
+            "greedy selection (greedy_selection, with replacement, on validation NLL) use the validation split.",
+            "- Distilled student: `keras_snapshot.distill(snapshot_dir, x_train)` on that seed's snapshots, with no "
+            "optional argument (distill's defaults: 10 epochs, batch 64, T = 1, the teacher's optimizer cosine-"
+            "decayed from its alpha0); training = the snapshot run plus the student's epochs; seeds without kept "
+            "snapshots have no student.",
+            "",
+            "Errors in %, NLL in nats, mean ± sample std (ddof=1) over the seeds listed in the last column (the bare "
+            "value for one seed). Passes = forward passes per prediction.",
             "",
             _common.markdown_table(header, rows),
             "",
@@ -302,6 +544,16 @@ def report(args, records: list[dict], seconds: float) -> None:
     print(f"wrote {md} and {js}", flush=True)
 
 
+RUNNERS = {
+    "single": run_single,
+    "swa_defaults": run_swa_defaults,
+    "snapshot": run_snapshot,
+    "swa_1x": lambda args, data, seed: run_swa(args, data, seed, 1.0),
+    "swa_1.25x": lambda args, data, seed: run_swa(args, data, seed, 1.25),
+    "distill": run_distill,
+}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -312,20 +564,19 @@ def main(argv=None) -> int:
         done = {(r["method"], r["seed"]) for r in read_records(args)}
         for seed in args.seeds:
             for method in METHODS:
-                if (method, seed) in done:
+                if method not in args.methods or (method, seed) in done:
                     continue
                 begin = time.perf_counter()
-                if method == "single":
-                    result = run_single(args, data, seed)
-                elif method == "snapshot":
-                    result = run_snapshot(args, data, seed)
-                else:
-                    result = run_swa(args, data, seed, 1.0 if method == "swa_1x" else 1.25)
+                print(f"{method} seed {seed}: started {_common.now()}", flush=True)
+                result = RUNNERS[method](args, data, seed)
+                if result is None:
+                    continue
                 record = {
                     "method": method,
                     "seed": seed,
                     "seconds": round(time.perf_counter() - begin, 1),
                     "loadavg": _common.loadavg(),
+                    "commit": _common.machine().get("commit"),
                     "result": result,
                 }
                 records_path(args).parent.mkdir(parents=True, exist_ok=True)
