@@ -16,9 +16,9 @@ Rows (Fashion-MNIST subset, the BatchNorm CNN of examples/training.py, batch 64,
 - snapshot ensemble (`snapshot`, M = `--cycles`, alpha0 = 0.2): uniform mean, weights fitted on the
   validation split (fit_ensemble_weights), greedy selection on the validation split (greedy_selection).
   Serving: M passes. The snapshots are kept in `--snapshot-dir`/seed<k> for the student;
-- distilled student (`distill`): `keras_snapshot.distill(snapshot_dir, x_train)` with distill's defaults on
-  that seed's kept snapshots (skipped when they are not there). Serving: 1 pass; training: the snapshot
-  run plus the student's epochs.
+- distilled student (`distill`): `keras_snapshot.distill(snapshot_dir, x_train)` with distill's defaults (the
+  snapshot run's epochs) on that seed's kept snapshots (skipped when they are not there). Serving: 1 pass;
+  training: the snapshot run plus the student's epochs.
 
 Weights and selections use the validation split only; the test set is only reported.
 
@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import _common  # noqa: E402
 
 # Run order within a seed: the defaults first (what a user gets), the tuned SWA rows after the ensemble.
+FULL_TRAIN = 54000  # Fashion-MNIST's 60,000 training images less the 10 % validation split
 METHODS = ("single", "swa_defaults", "snapshot", "swa_1x", "swa_1.25x", "distill")
 
 
@@ -71,6 +72,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--name", default="swa.cpu")
     parser.add_argument("--aggregate-only", action="store_true")
+    parser.add_argument("--out", default=str(_common.RESULTS_DIR), help="where the records and the report go")
     parser.add_argument("--note", default="", help="a sentence for the report (e.g. seeds not run, and why)")
     return parser.parse_args(argv)
 
@@ -246,7 +248,7 @@ def run_distill(args, data, seed: int) -> dict | None:
     optimizer = student.optimizer
     result.update(
         epochs=args.epochs,
-        distill_epochs=defaults["epochs"].default,
+        distill_epochs=len(student.history.history["loss"]),
         passes=1,
         defaults={name: defaults[name].default for name in ("epochs", "batch_size", "temperature", "alpha")},
         optimizer=type(optimizer).__name__ if optimizer is not None else None,
@@ -255,7 +257,7 @@ def run_distill(args, data, seed: int) -> dict | None:
 
 
 def records_path(args) -> Path:
-    return _common.RESULTS_DIR / f"{args.name}.runs.jsonl"
+    return Path(args.out) / f"{args.name}.runs.jsonl"
 
 
 def read_records(args) -> list[dict]:
@@ -287,6 +289,7 @@ def mean_std4(values) -> str:
 
 
 SINGLE = "single model (step schedule)"
+DERIVED = "= the SWA-defaults run's last weights (the same run until train end; `single` not run separately)"
 DEFAULTS = "SWA, library defaults: the single model's run + StochasticWeightAveraging(bn_data=x_train)"
 TUNED_1X = "SWA, tuned, same budget"
 TUNED_125X = "SWA, tuned, 1.25x budget"
@@ -372,15 +375,21 @@ def report(args, records: list[dict], seconds: float) -> None:
     e = args.epochs
     start = int(0.75 * e)
     single = by.get("single", {})
-    add(SINGLE, single, 1, f"{e} epochs (1x)")
     defaults = by.get("swa_defaults", {})
+    derived = not single and bool(defaults)
+    if derived:
+        # The defaults run IS the single model's run until train end (same seed, schedule and callbacks; the
+        # SWA callback only reads weights), so its last weights are the single model: one run gives both rows.
+        single = {s: r["last_weights"] for s, r in defaults.items()}
+    add(SINGLE + (f" {DERIVED}" if derived else ""), single, 1, f"{e} epochs (1x)")
     add(DEFAULTS, defaults, 1, f"{e} epochs (1x) + a BN pass")
-    add(
-        "  the same run's last weights (before averaging: the single model's recipe)",
-        {s: r["last_weights"] for s, r in defaults.items()},
-        1,
-        "1x",
-    )
+    if not derived:
+        add(
+            "  the same run's last weights (before averaging: the single model's recipe)",
+            {s: r["last_weights"] for s, r in defaults.items()},
+            1,
+            "1x",
+        )
     swa1 = by.get("swa_1x", {})
     add(f"{TUNED_1X} (SWA rate {args.swa_rate} for the last 25 %)", swa1, 1, f"{e} epochs (1x) + a BN pass")
     add(
@@ -409,8 +418,15 @@ def report(args, records: list[dict], seconds: float) -> None:
     students = by.get("distill", {})
     if students:
         extra = sorted({r["distill_epochs"] for r in students.values()})
+        # Records made before distill's default became the snapshot run's epochs (when it was 10) say so.
+        call = "distill(snapshot_dir, x_train), distill's defaults"
+        if extra != [e]:
+            call = (
+                f"distill(snapshot_dir, x_train, epochs={'/'.join(map(str, extra))}): distill's defaults when "
+                f"recorded; today's default trains the snapshot run's {e} epochs"
+            )
         add(
-            "distilled student: distill(snapshot_dir, x_train), distill's defaults",
+            f"distilled student: {call}",
             students,
             1,
             f"{e} + {'/'.join(map(str, extra))} epochs (the snapshot run + the student)",
@@ -478,6 +494,11 @@ def report(args, records: list[dict], seconds: float) -> None:
         if lines:
             verdicts.append("- Distilled student: " + "; ".join(lines) + ".")
     info = _common.machine()
+    protocol = (
+        "reduced CPU protocol, as benchmarks/results/accuracy.cpu.md"
+        if args.train_size < FULL_TRAIN
+        else "the reduced CPU protocol's model and epochs on the whole training split"
+    )
     methods = "" if list(args.methods) == list(METHODS) else f" --methods {' '.join(args.methods)}"
     command = (
         f"KERAS_BACKEND=tensorflow python benchmarks/swa.py --train-size {args.train_size} --epochs {args.epochs} "
@@ -505,7 +526,7 @@ def report(args, records: list[dict], seconds: float) -> None:
                 for r in records
             ),
             "",
-            f"Protocol (reduced CPU protocol, as benchmarks/results/accuracy.cpu.md): Fashion-MNIST, {args.train_size} "
+            f"Protocol ({protocol}): Fashion-MNIST, {args.train_size} "
             f"training images, the validation split for weights/selection, the 10,000 test images reported; CNN "
             f"width {args.width}, batch {args.batch_size}, SGD + Nesterov 0.9, weight decay 5e-4. Single model: rate "
             f"0.1, x0.1 at 50 % and 75 % of the steps.",
@@ -523,9 +544,9 @@ def report(args, records: list[dict], seconds: float) -> None:
             f"- Snapshot ensemble: M = {m}, alpha0 = {args.alpha0}; weights fitted (fit_ensemble_weights) and "
             "greedy selection (greedy_selection, with replacement, on validation NLL) use the validation split.",
             "- Distilled student: `keras_snapshot.distill(snapshot_dir, x_train)` on that seed's snapshots, with no "
-            "optional argument (distill's defaults: 10 epochs, batch 64, T = 1, the teacher's optimizer cosine-"
-            "decayed from its alpha0); training = the snapshot run plus the student's epochs; seeds without kept "
-            "snapshots have no student.",
+            "optional argument (distill's defaults: the snapshot run's epochs (10 before this release: the row says "
+            "which the records used), batch 64, T = 1, the teacher's optimizer cosine-decayed from its alpha0); "
+            "training = the snapshot run plus the student's epochs; seeds without kept snapshots have no student.",
             "",
             "Errors in %, NLL in nats, mean ± sample std (ddof=1) over the seeds listed in the last column (the bare "
             "value for one seed). Passes = forward passes per prediction.",
@@ -540,7 +561,7 @@ def report(args, records: list[dict], seconds: float) -> None:
         ]
     )
     out = {"command": command, "machine": info, "protocol": vars(args), "records": records, "summary": table}
-    md, js = _common.write_results(args.name, _common.RESULTS_DIR, out, markdown)
+    md, js = _common.write_results(args.name, Path(args.out), out, markdown)
     print(f"wrote {md} and {js}", flush=True)
 
 

@@ -123,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="snapshot: the student starts from the last snapshot's weights (a short fine-tune on the ensemble's "
         "probabilities with the labels, SGD at 0.01 cosine-decayed: a tuned recipe, not distill's defaults, kept "
         "because the demo's budget is a few epochs); defaults: distill(snapshots, x_train, epochs=N) with no "
-        "optional argument (a fresh student: give it the snapshot run's budget, --distill-epochs = --epochs); "
+        "other argument (a fresh student: give it the snapshot run's budget, --distill-epochs = --epochs); "
         "scratch: a fresh student with labels and the single model's peak rate cosine-decayed",
     )
     parser.add_argument("--seed", type=int, default=0)

@@ -604,7 +604,7 @@ def _distill(args) -> int:
     keras = _import_keras(writes_files=True)
     _check_activation(keras, args.output_activation)
 
-    from keras_snapshot.distillation import default_optimizer, distill
+    from keras_snapshot.distillation import FALLBACK_EPOCHS, default_optimizer, distill, teacher_epochs
     from keras_snapshot.manifest import atomic_write
 
     members = _load_members(args)
@@ -616,6 +616,8 @@ def _distill(args) -> int:
     # The members are loaded without their optimizers: the default recipe (the teacher's optimizer at its
     # alpha0, decayed to zero) is read from the directory, as distill(directory, ...) would.
     rows = keras.tree.flatten(x)[0].shape[0]
+    if args.epochs is None:  # distill's default: as long as the snapshot run
+        args.epochs = teacher_epochs(args.directory, args.last) or FALLBACK_EPOCHS
     optimizer = default_optimizer(args.directory, args.last, -(-rows // args.batch_size) * args.epochs)
     student = distill(
         [member.model for member in members],
@@ -872,7 +874,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     distill.add_argument("-o", "--output", required=True, metavar="FILE.keras")
     data_names(distill, "hard-label array name, mixed in with weight --alpha (default: no labels)", None)
-    distill.add_argument("--epochs", type=_positive_int, default=10, metavar="N", help="default: 10")
+    distill.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="default: the snapshot run's epochs (its manifest), else 10",
+    )
     last(distill)
     distill.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="default: 64")
     distill.add_argument(

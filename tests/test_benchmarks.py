@@ -154,10 +154,10 @@ def test_every_committed_result_names_its_command():
         assert report.with_suffix(".json").is_file(), f"{report.name} has no JSON record"
 
 
-def _uncertainty_module():
+def _load_benchmark(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("uncertainty_benchmark", BENCHMARKS / "uncertainty.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -167,7 +167,7 @@ def test_uncertainty_report_from_records(tmp_path):
     """uncertainty.py --aggregate-only on made-up seed records: the targets' verdicts and both pictures
     (no training: the measurement itself takes minutes)."""
     pytest.importorskip("matplotlib")
-    bench = _uncertainty_module()
+    bench = _load_benchmark("uncertainty")
     argv = ["--aggregate-only", "--out", str(tmp_path), "--name", "toy"]
     protocol = bench.protocol(bench.parse_args(argv))
     grid, bins = len(bench.COVERAGES), bench.HISTOGRAM_BINS
@@ -223,3 +223,33 @@ def test_uncertainty_report_from_records(tmp_path):
     assert record["targets"]["aurc"]["best"]["gain"] == pytest.approx(0.01)
     for picture in ("toy.risk_coverage.png", "toy.ood_histograms.png"):
         assert (tmp_path / picture).stat().st_size > 10_000
+
+
+def test_swa_report_from_records(tmp_path):
+    """swa.py --aggregate-only on made-up records: without `single` runs, the single model's row is the
+    SWA-defaults runs' last weights, and each SWA row's verdict follows the gain-over-spread rule."""
+    bench = _load_benchmark("swa")
+
+    def scores(test_error):
+        return {"val_error": test_error - 1, "test_error": test_error, "val_nll": 0.4, "test_nll": 0.45}
+
+    records = []
+    for seed, single in enumerate((11.8, 11.9, 12.0)):
+        defaults = {**scores(single - 0.5), "last_weights": scores(single)}  # 0.5 points, spread 0.2: met
+        tuned = {**scores(single + 0.05), "last_weights": scores(single + 0.3)}  # a loss: not met
+        for method, result in (("swa_defaults", defaults), ("swa_1x", tuned)):
+            records.append(
+                {"method": method, "seed": seed, "seconds": 1.0, "loadavg": None, "result": result}
+            )
+    (tmp_path / "toy.runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert (
+        bench.main(["--aggregate-only", "--out", str(tmp_path), "--name", "toy", "--seeds", "0", "1", "2"])
+        == 0
+    )
+    report = (tmp_path / "toy.md").read_text()
+    single_row = next(line for line in report.splitlines() if line.startswith(f"| {bench.SINGLE}"))
+    assert bench.DERIVED in single_row and "| 11.90 ± 0.10 |" in single_row, single_row
+    assert "the same run's last weights (before averaging: the single model's recipe)" not in report
+    verdicts = dict(re.findall(r"^- (SWA, [^(]+?) \(.*?\*\*(MET|NOT MET)\*\*", report, re.M))
+    assert verdicts == {"SWA, library defaults": "MET", "SWA, tuned, same budget": "NOT MET"}, report
+    assert "test error gain +0.50 points" in report and "test error gain -0.05 points" in report

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from test_export import run_tf_serving_loader
 
-from keras_snapshot import build_ensemble
+from keras_snapshot import build_ensemble, read_manifest
 from keras_snapshot.cli import main
 
 BACKEND = keras.backend.backend()
@@ -286,15 +286,16 @@ def test_evaluate_last_keeps_snapshot_names(capsys, digits_run, npz):
 
 def test_distill(digits_run, digits, npz, tmp_path):
     directory, _ = digits_run
+    assert read_manifest(directory)["epochs"] == 6
     result = run_cli(
         "distill", directory, "--data", npz["train"], "--x", "pixels", "-o", "student.keras",
-        "--epochs", "6", "--batch-size", "32",
+        "--batch-size", "32",
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert_quiet(result.stderr)
     assert "Wrote student.keras: a student distilled from 3 snapshot(s)" in result.stdout
-    assert "in 6 epoch(s)" in result.stdout
+    assert "in 6 epoch(s)" in result.stdout  # no --epochs: the snapshot run's 6, from its manifest
     student = keras.saving.load_model(tmp_path / "student.keras")  # plain Keras
     assert not list(tmp_path.glob(".*student*"))  # written atomically, no temporary left
     x_test = digits[2]

@@ -230,6 +230,24 @@ def test_default_recipe_from_files_and_models(teacher, digits, tmp_path):
     assert _rate(student.optimizer) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_default_epochs_are_the_snapshot_runs(teacher, digits):
+    """No `epochs`: as many as the snapshot run (the manifest's count), whose rate decays over all of them;
+    10 when the teacher is in-memory models (no run to read)."""
+    directory, _, _ = teacher
+    x = digits[0][:128]  # 2 steps an epoch
+    epochs = keras_snapshot.read_manifest(directory)["epochs"]
+    assert epochs == 6
+    for source in (directory, sorted(directory.glob("snapshot-*.keras"))[-2:]):
+        student = distill(source, x, verbose=0)
+        assert len(student.history.history["loss"]) == epochs
+        schedule = keras.optimizers.schedules.deserialize(student.optimizer.get_config()["learning_rate"])
+        assert schedule.decay_steps == 2 * epochs
+    members = [keras.saving.load_model(path, compile=False) for path in sorted(directory.glob("*.keras"))]
+    student = distill(members, x, verbose=0)
+    assert len(student.history.history["loss"]) == 10
+    assert keras_snapshot.distillation.FALLBACK_EPOCHS == 10
+
+
 def test_every_default_stays_overridable(teacher, digits):
     directory, _, _ = teacher
     x = digits[0][:128]
