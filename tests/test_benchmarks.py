@@ -253,3 +253,49 @@ def test_swa_report_from_records(tmp_path):
     verdicts = dict(re.findall(r"^- (SWA, [^(]+?) \(.*?\*\*(MET|NOT MET)\*\*", report, re.M))
     assert verdicts == {"SWA, library defaults": "MET", "SWA, tuned, same budget": "NOT MET"}, report
     assert "test error gain +0.50 points" in report and "test error gain -0.05 points" in report
+
+
+def test_swa_recipes_rates_and_pairing(tmp_path):
+    """swa_recipes.py: each recipe's rate is the documented function of the step, bad names are refused, and
+    two recipes that differ only in when they average share their run (the pairing the report relies on)."""
+    pytest.importorskip("sklearn")
+    bench = _load_benchmark("swa_recipes")
+    spe, epochs, start = 10, 4, 3
+    rate = bench.learning_rate(bench.parse_recipe("lin0.05-0.001"), epochs, spe, start)
+    at = {step: float(keras.ops.convert_to_numpy(rate(step))) for step in (0, 19, 20, 29, 30, 35, 39)}
+    assert at[0] == at[19] == pytest.approx(0.1) and at[20] == at[29] == pytest.approx(0.01)
+    assert (
+        at[30] == pytest.approx(0.05) and at[35] == pytest.approx(0.0255) and at[39] == pytest.approx(0.0059)
+    )
+    cosine = bench.learning_rate(bench.parse_recipe("cos0.02-0"), epochs, spe, start)
+    assert float(keras.ops.convert_to_numpy(cosine(35))) == pytest.approx(0.01, abs=1e-7)
+    constant = bench.learning_rate(bench.parse_recipe("const0.003_k5_s2"), epochs, spe, 2)
+    assert [float(keras.ops.convert_to_numpy(constant(s))) for s in (19, 20, 39)] == pytest.approx(
+        [0.1, 0.003, 0.003]
+    )
+    assert bench.parse_recipe("const0.003_k5_s2") == {
+        "kind": "const", "rate": 0.003, "high": None, "low": None, "every": 5, "start": 2,
+    }  # fmt: skip
+    for bad in ("swa", "const", "defaults_s3", "lin0.1"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--recipes", bad])
+    data_args = [
+        "--dataset",
+        "digits",
+        "--train-size",
+        "192",
+        "--epochs",
+        "2",
+        "--width",
+        "2",
+        "--seeds",
+        "0",
+        "--out",
+        str(tmp_path),
+    ]
+    assert bench.main([*data_args, "--recipes", "defaults", "defaults_k1", "--name", "toy"]) == 0
+    runs = [json.loads(line)["result"] for line in (tmp_path / "toy.runs.jsonl").read_text().splitlines()]
+    assert runs[0]["last_weights"] == runs[1]["last_weights"]  # one run until train end: the single model
+    assert (runs[0]["averaged_points"], runs[1]["averaged_points"]) == (1, 3)  # epoch 1's end; its 3 steps
+    report = (tmp_path / "toy.md").read_text()
+    assert "| single model (= the defaults run's last weights) |" in report and "`defaults_k1`" in report
