@@ -537,16 +537,34 @@ def report(args, records: list[dict], seconds: float) -> None:
             "leaves the rate to the step schedule, so the averaging runs at 0.1 x 0.01 = 0.001), annealing_epochs=10 "
             "and annealing_strategy='cos' (unused without a SWA rate), average_every='epoch' (at every epoch end "
             f"of epochs {start}-{e - 1}: {e - start} points), BatchNorm statistics recomputed on the training images.",
-            f"- **SWA, tuned** (the rows labelled tuned; {TUNED_CHANGES.format(rate=args.swa_rate, start=start, start125=int(0.75 * round(1.25 * e)))}): "
-            f"rate 0.1, 0.01 from epoch {e // 2}, then from epoch {start} (0-based) the constant SWA rate "
-            f"{args.swa_rate}, averaged at every epoch end, BatchNorm statistics recomputed on the training images; "
-            f"the 1.25x row runs {round(1.25 * e)} epochs, its SWA phase epochs {start}-{round(1.25 * e) - 1}.",
-            f"- Snapshot ensemble: M = {m}, alpha0 = {args.alpha0}; weights fitted (fit_ensemble_weights) and "
-            "greedy selection (greedy_selection, with replacement, on validation NLL) use the validation split.",
-            "- Distilled student: `keras_snapshot.distill(snapshot_dir, x_train)` on that seed's snapshots, with no "
-            "optional argument (distill's defaults: the snapshot run's epochs (10 before this release: the row says "
-            "which the records used), batch 64, T = 1, the teacher's optimizer cosine-decayed from its alpha0); "
-            "training = the snapshot run plus the student's epochs; seeds without kept snapshots have no student.",
+            *(
+                [
+                    f"- **SWA, tuned** (the rows labelled tuned; {TUNED_CHANGES.format(rate=args.swa_rate, start=start, start125=int(0.75 * round(1.25 * e)))}): "
+                    f"rate 0.1, 0.01 from epoch {e // 2}, then from epoch {start} (0-based) the constant SWA rate "
+                    f"{args.swa_rate}, averaged at every epoch end, BatchNorm statistics recomputed on the training images; "
+                    f"the 1.25x row runs {round(1.25 * e)} epochs, its SWA phase epochs {start}-{round(1.25 * e) - 1}."
+                ]
+                if swa1 or swa125
+                else []
+            ),
+            *(
+                [
+                    f"- Snapshot ensemble: M = {m}, alpha0 = {args.alpha0}; weights fitted (fit_ensemble_weights) and "
+                    "greedy selection (greedy_selection, with replacement, on validation NLL) use the validation split."
+                ]
+                if snaps
+                else []
+            ),
+            *(
+                [
+                    "- Distilled student: `keras_snapshot.distill(snapshot_dir, x_train)` on that seed's snapshots, with no "
+                    "optional argument (distill's defaults: the snapshot run's epochs (10 before this release: the row says "
+                    "which the records used), batch 64, T = 1, the teacher's optimizer cosine-decayed from its alpha0); "
+                    "training = the snapshot run plus the student's epochs; seeds without kept snapshots have no student."
+                ]
+                if students
+                else []
+            ),
             "",
             "Errors in %, NLL in nats, mean ± sample std (ddof=1) over the seeds listed in the last column (the bare "
             "value for one seed). Passes = forward passes per prediction.",
@@ -555,8 +573,14 @@ def report(args, records: list[dict], seconds: float) -> None:
             "",
             *verdicts,
             "",
-            "Greedy selection counts (Caruana et al., 2004, on the validation split) and the fitted weights:",
-            "",
+            *(
+                [
+                    "Greedy selection counts (Caruana et al., 2004, on the validation split) and the fitted weights:",
+                    "",
+                ]
+                if greedy_lines
+                else []
+            ),
             *greedy_lines,
         ]
     )
