@@ -94,6 +94,29 @@ def scores(p_val, p_test, data) -> dict:
     }
 
 
+def fit_swa(args, data, seed: int, model, swa, callbacks: list, epochs: int) -> tuple[dict, dict]:
+    """Fits `model` with `callbacks` then the SWA callback; the scores of the average and of the run's last
+    weights (`result["last_weights"]`), and the fit's history."""
+    from training import build_cnn, predict_probabilities
+
+    history = model.fit(
+        data.x_train,
+        data.y_train,
+        batch_size=args.batch_size,
+        epochs=epochs,
+        shuffle=True,
+        verbose=0,
+        callbacks=[*callbacks, swa],
+    )
+    result = scores(predict_probabilities(model, data.x_val), predict_probabilities(model, data.x_test), data)
+    last = build_cnn(data.input_shape, data.num_classes, width=args.width, seed=seed)
+    last.set_weights(swa.final_weights)
+    result["last_weights"] = scores(
+        predict_probabilities(last, data.x_val), predict_probabilities(last, data.x_test), data
+    )
+    return result, history.history
+
+
 def run_swa(args, data, seed: int, budget: float) -> dict:
     import keras
     from training import build_cnn, compile_sgd
@@ -109,23 +132,7 @@ def run_swa(args, data, seed: int, budget: float) -> dict:
     swa = keras_snapshot.StochasticWeightAveraging(
         start_epoch=start, swa_learning_rate=args.swa_rate, annealing_epochs=0, bn_data=data.x_train
     )
-    model.fit(
-        data.x_train,
-        data.y_train,
-        batch_size=args.batch_size,
-        epochs=epochs,
-        shuffle=True,
-        verbose=0,
-        callbacks=[schedule, swa],
-    )
-    from training import predict_probabilities
-
-    result = scores(predict_probabilities(model, data.x_val), predict_probabilities(model, data.x_test), data)
-    before = build_cnn(data.input_shape, data.num_classes, width=args.width, seed=seed)
-    before.set_weights(swa.final_weights)
-    result["last_weights"] = scores(
-        predict_probabilities(before, data.x_val), predict_probabilities(before, data.x_test), data
-    )
+    result, _ = fit_swa(args, data, seed, model, swa, [schedule], epochs)
     result.update(epochs=epochs, swa_start_epoch=start, averaged_points=swa.count, passes=1)
     return result
 
@@ -134,7 +141,7 @@ def run_swa_defaults(args, data, seed: int) -> dict:
     """The single model's run (train_single's recipe) with StochasticWeightAveraging(bn_data=x_train) only."""
     import math
 
-    from training import EqualIntervalWeights, build_cnn, compile_sgd, predict_probabilities, step_schedule
+    from training import EqualIntervalWeights, build_cnn, compile_sgd, step_schedule
 
     import keras_snapshot
 
@@ -142,21 +149,8 @@ def run_swa_defaults(args, data, seed: int) -> dict:
     steps_per_epoch = math.ceil(len(data.x_train) / args.batch_size)
     compile_sgd(model, step_schedule(0.1, args.epochs * steps_per_epoch))
     swa = keras_snapshot.StochasticWeightAveraging(bn_data=data.x_train)  # the library's defaults
-    model.fit(
-        data.x_train,
-        data.y_train,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        shuffle=True,
-        verbose=0,
-        callbacks=[EqualIntervalWeights(()), swa],  # train_single's callbacks, plus the SWA callback
-    )
-    result = scores(predict_probabilities(model, data.x_val), predict_probabilities(model, data.x_test), data)
-    before = build_cnn(data.input_shape, data.num_classes, width=args.width, seed=seed)
-    before.set_weights(swa.final_weights)
-    result["last_weights"] = scores(
-        predict_probabilities(before, data.x_val), predict_probabilities(before, data.x_test), data
-    )
+    # train_single's callbacks, plus the SWA callback
+    result, _ = fit_swa(args, data, seed, model, swa, [EqualIntervalWeights(())], args.epochs)
     result.update(
         epochs=args.epochs,
         swa_start_epoch=int(0.75 * args.epochs),

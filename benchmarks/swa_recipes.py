@@ -113,7 +113,7 @@ def learning_rate(recipe: dict, epochs: int, steps_per_epoch: int, start: int):
 
 
 def run(args, data, name: str, seed: int) -> dict:
-    from training import EqualIntervalWeights, build_cnn, compile_sgd, predict_probabilities
+    from training import EqualIntervalWeights, build_cnn, compile_sgd
 
     import keras_snapshot
 
@@ -128,27 +128,14 @@ def run(args, data, name: str, seed: int) -> dict:
     if recipe["kind"] != "defaults":
         options["start_epoch"] = start
     swa = keras_snapshot.StochasticWeightAveraging(**options)
-    history = model.fit(
-        data.x_train,
-        data.y_train,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        shuffle=True,
-        verbose=0,
-        callbacks=[EqualIntervalWeights(()), swa],  # train_single's callbacks, plus the SWA callback
-    )
-    result = swa_benchmark.scores(
-        predict_probabilities(model, data.x_val), predict_probabilities(model, data.x_test), data
-    )
-    last = build_cnn(data.input_shape, data.num_classes, width=args.width, seed=seed)
-    last.set_weights(swa.final_weights)
-    result["last_weights"] = swa_benchmark.scores(
-        predict_probabilities(last, data.x_val), predict_probabilities(last, data.x_test), data
+    # train_single's callbacks, plus the SWA callback
+    result, history = swa_benchmark.fit_swa(
+        args, data, seed, model, swa, [EqualIntervalWeights(())], args.epochs
     )
     result.update(
         averaged_points=swa.count,
         start_epoch=start,
-        train_accuracy=round(float(history.history["accuracy"][-1]), 4),
+        train_accuracy=round(float(history["accuracy"][-1]), 4),
     )
     return result
 
