@@ -488,8 +488,9 @@ def distill(
         epochs: epochs of student training (>= 1): count them in the student's training budget.
             Default None: the epochs of the snapshot run (its manifest's count, for a snapshot
             directory or files in one), the measured recipe (a third of them cost 0.4 points of
-            test error in benchmarks/results/swa.cpu.md); 10 when the teacher is models or files
-            outside a snapshot directory.
+            test error in benchmarks/results/swa.cpu.md); 10 when the teacher is models, files
+            outside a snapshot directory, or a directory whose manifest predates the epoch count
+            (keras-snapshot 0.2).
         batch_size: the training batch size, also used for the teacher's predictions.
         temperature: T > 0. Default 1: the ensemble's averaged probabilities are already soft
             (an average of M members); above 1 softens them further (2 to 4 is usual for one

@@ -230,9 +230,9 @@ def test_default_recipe_from_files_and_models(teacher, digits, tmp_path):
     assert _rate(student.optimizer) == pytest.approx(0.0, abs=1e-9)
 
 
-def test_default_epochs_are_the_snapshot_runs(teacher, digits):
+def test_default_epochs_are_the_snapshot_runs(teacher, digits, snapshot_dir):
     """No `epochs`: as many as the snapshot run (the manifest's count), whose rate decays over all of them;
-    10 when the teacher is in-memory models (no run to read)."""
+    10 when the teacher is in-memory models (no run to read) or the manifest has no count (0.2)."""
     directory, _, _ = teacher
     x = digits[0][:128]  # 2 steps an epoch
     epochs = keras_snapshot.read_manifest(directory)["epochs"]
@@ -244,6 +244,11 @@ def test_default_epochs_are_the_snapshot_runs(teacher, digits):
         assert schedule.decay_steps == 2 * epochs
     members = [keras.saving.load_model(path, compile=False) for path in sorted(directory.glob("*.keras"))]
     student = distill(members, x, verbose=0)
+    assert len(student.history.history["loss"]) == 10
+    manifest = keras_snapshot.read_manifest(snapshot_dir)
+    del manifest["epochs"]
+    keras_snapshot.manifest.write_manifest(snapshot_dir, manifest)
+    student = distill(snapshot_dir, x, verbose=0)
     assert len(student.history.history["loss"]) == 10
     assert keras_snapshot.distillation.FALLBACK_EPOCHS == 10
 
