@@ -319,33 +319,35 @@ def _saved_optimizer(path) -> object | None:
     return compile_config.get("optimizer") if isinstance(compile_config, dict) else None
 
 
-def _manifest_rate(directory) -> float | None:
+def _run_manifest(directory) -> dict:
+    """The snapshot directory's manifest, or {} when there is none or it cannot be read."""
     from keras_snapshot import manifest as manifest_lib
 
     try:
-        manifest = manifest_lib.read_manifest(directory)
+        return manifest_lib.read_manifest(directory) or {}
     except (OSError, ValueError):
-        return None
-    rate = (manifest or {}).get("initial_learning_rate")
+        return {}
+
+
+def _manifest_rate(directory) -> float | None:
+    rate = _run_manifest(directory).get("initial_learning_rate")
     return float(rate) if isinstance(rate, numbers.Real) and rate > 0 else None
 
 
 def teacher_epochs(teacher, last=None) -> int | None:
     """The epochs of the run that wrote the teacher's snapshots (the manifest's global epoch count), for a
     snapshot directory or a list of files in one; None for models or files outside a snapshot directory."""
-    from keras_snapshot import manifest as manifest_lib
     from keras_snapshot.members import snapshot_sources
 
     if isinstance(teacher, keras.Model):
         return None
     try:
         first = snapshot_sources(teacher, last)[0][1]
-        if isinstance(first, keras.Model):
-            return None
-        manifest = manifest_lib.read_manifest(Path(first).parent)
     except (OSError, ValueError, TypeError):
         return None
-    epochs = (manifest or {}).get("epochs")
+    if isinstance(first, keras.Model):
+        return None
+    epochs = _run_manifest(Path(first).parent).get("epochs")
     valid = isinstance(epochs, numbers.Integral) and not isinstance(epochs, bool) and epochs >= 1
     return int(epochs) if valid else None
 
